@@ -1,0 +1,120 @@
+"""The Gemma transformer: Gemma 1, 2 and 3 (text) in one class, variants chosen by ModelConfig fields."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmalab.errors import GemmalabError
+from gemmalab.model.cache import KVCache
+from gemmalab.model.config import ModelConfig
+from gemmalab.model.layers import Attention, GeGLU, RMSNorm, rope_angles
+
+
+class Block(nn.Module):
+    """Pre-norm attention and GeGLU sub-layers; Gemma 2/3 add a norm on each sub-layer output."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.is_local = c.is_local(layer)
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale, c.attn_softcap, c.qk_norm, c.norm_eps)
+        self.mlp_norm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = GeGLU(c.dim, c.ffn_dim)
+        self.post_attn_norm = RMSNorm(c.dim, c.norm_eps) if c.post_norms else None
+        self.post_mlp_norm = RMSNorm(c.dim, c.norm_eps) if c.post_norms else None
+
+    def forward(self, x, cos, sin, mask, kv_write=None):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, kv_write)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Gemma(nn.Module):
+    """Decoder-only Gemma language model with tied input/output embeddings.
+
+    `model(tokens)` maps LongTensor [B, T] to logits [B, T, V]. Optional: `positions` [B, T],
+    `attention_mask` [B, T] (True for real tokens, False for padding), a `KVCache`, and `last_only`
+    to compute logits for the last position only.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random init for training from scratch: normal linear and embedding weights, norms at zero (scale 1)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        c = self.config
+        B, T = tokens.shape
+        real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if positions is None:
+            steps = real.long().cumsum(1) - 1 if attention_mask is not None else torch.arange(T, device=tokens.device).expand(B, T)
+            positions = steps.clamp(min=0) + (cache.next_pos[:, None] if cache is not None else 0)
+        if T and int(positions.max()) >= c.max_seq_len:
+            raise GemmalabError(
+                f"Position {int(positions.max())} is beyond this model's maximum of {c.max_seq_len} positions "
+                f"(max_seq_len); shorten the input or the number of new tokens."
+            )
+        key_pos = positions.masked_fill(~real, -1)
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            key_pos = cache.reserve(key_pos)
+        masks = _attention_masks(positions, key_pos, c.sliding_window if c.sliding_pattern else None)
+
+        global_rope = rope_angles(positions, c.head_dim, c.rope_theta, c.rope_scaling)
+        local_rope = rope_angles(positions, c.head_dim, c.rope_local_theta or c.rope_theta)
+
+        x = self.embed(tokens)
+        x = x * torch.tensor(math.sqrt(c.dim), dtype=x.dtype)  # the constant rounded to the activation dtype
+        for i, layer in enumerate(self.layers):
+            cos, sin = local_rope if layer.is_local else global_rope
+            kv_write = cache.writer(i, start) if cache is not None else None
+            x = layer(x, cos, sin, masks[layer.is_local], kv_write)
+        if cache is not None:
+            cache.advance(T, real.sum(1))
+        if last_only:
+            x = x[:, -1:]
+        logits = F.linear(self.norm(x), self.embed.weight)
+        if c.final_softcap is not None:
+            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+        return logits
+
+
+def _attention_masks(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> dict[bool, torch.Tensor]:
+    """Boolean masks [B, 1, T, S] for global (False) and sliding-window (True) layers, from positions alone.
+
+    q_pos: [B, T]; key_pos: [B, S] with -1 for padding. A query that may see no key at all (a padding
+    query) is allowed everything, so softmax stays finite; its output is never used.
+    """
+    dist = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
+    allowed = (key_pos[:, None, :] >= 0) & (dist >= 0)
+    masks = {False: allowed}
+    if window is not None:
+        masks[True] = allowed & (dist < window)
+    for key, m in masks.items():
+        masks[key] = (m | ~m.any(-1, keepdim=True))[:, None]
+    masks.setdefault(True, masks[False])
+    return masks
