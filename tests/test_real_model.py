@@ -76,3 +76,20 @@ def test_cli_tokenize_jsonl(tmp_path, gguf_path):
     run = subprocess.run([sys.executable, "-m", "gemmalab", "tokenize", "--model", str(gguf_path), "--input",
                           str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "bad.jsonl, line 2" in run.stderr
+
+
+def test_converted_model_directory_loads_in_transformers(real_model, gguf_path, tmp_path):
+    import transformers
+
+    from gemmalab.cli import main
+
+    assert main(["convert", str(gguf_path), str(tmp_path / "hf")]) == 0
+    model, tokenizer = real_model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = "Paris is the capital of"
+    ids = tokenizer.encode(prompt)
+    assert hf_tok(prompt)["input_ids"] == ids
+    with torch.no_grad():
+        diff = (model(torch.tensor([ids])) - hf(torch.tensor([ids])).logits).abs().max().item()
+    assert diff <= 1e-4
