@@ -204,6 +204,8 @@ def _our_names(config: ModelConfig) -> dict[str, str]:
 
 def save_hf(model: Gemma, directory: str | Path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write `model` (and `tokenizer` if given) as a Hugging Face model directory that transformers loads."""
+    if model.lm_head is not None:
+        raise GemmalabError("This model is quantized for inference; save the unquantized model instead.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = model.config

@@ -53,6 +53,7 @@ class Gemma(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head: nn.Module | None = None  # None: tied, x @ embed.T; quantization installs its own module
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
@@ -97,7 +98,8 @@ class Gemma(nn.Module):
             cache.advance(T, real.sum(1))
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(self.norm(x), self.embed.weight)
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if c.final_softcap is not None:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
         return logits
