@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gemmalab import GemmalabError, generate
-from gemmalab.inference import sample_next
+from gemmalab.inference.engine import SamplingParams, sample_row
 from gemmalab.model import Gemma, get_preset
 
 
@@ -68,16 +68,14 @@ def test_sampling_is_reproducible_with_a_seed(model):
 
 
 def test_top_k_and_top_p_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
-    seen_k = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(300)}
-    assert seen_k == {0, 1}
+    draw = lambda **kw: {sample_row(logits, SamplingParams(temperature=1.0, **kw), g) for _ in range(300)}  # noqa: E731
+    assert draw(top_k=2) == {0, 1}
     # top-p 0.6: 0.5 does not reach 0.6, so the token that crosses it (0.3) stays, the rest go
-    seen_p = {int(sample_next(logits, 1.0, top_p=0.6, generator=g)) for _ in range(300)}
-    assert seen_p == {0, 1}
-    seen_all = {int(sample_next(logits, 1.0, generator=g)) for _ in range(300)}
-    assert seen_all == {0, 1, 2, 3}
-    assert int(sample_next(logits, 0.0)) == 0
+    assert draw(top_p=0.6) == {0, 1}
+    assert draw() == {0, 1, 2, 3}
+    assert sample_row(logits, SamplingParams(temperature=0.0), None) == 0
 
 
 def test_bad_arguments_are_clear_errors(model):

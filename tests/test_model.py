@@ -104,6 +104,18 @@ def test_kv_cache_decoding_matches_full_forward_past_the_window(preset):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 6, 11])
+def test_sliding_layers_keep_only_their_window_and_chunks_match_full_forward(chunk):
+    model = _model("tiny-gemma3")  # window 8, layers 0, 1, 3, 4 local
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model.config, 2, 40)
+    assert [k.shape[2] for k in cache.k] == [8, 8, 40, 8, 8, 40]
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, t:t + chunk], cache=cache) for t in range(0, 33, chunk)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])
 def test_left_padded_row_equals_unpadded_row(preset):
     model = _model(preset)

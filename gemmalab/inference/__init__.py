@@ -1,5 +1,6 @@
-"""Text generation."""
+"""Inference: the batched engine, sampling, scoring, and the one-call `generate`."""
 
-from gemmalab.inference.generate import Generation, generate, sample_next
+from gemmalab.inference.engine import Completion, Engine, SamplingParams, Score
+from gemmalab.inference.generate import Generation, generate
 
-__all__ = ["Generation", "generate", "sample_next"]
+__all__ = ["Completion", "Engine", "Generation", "SamplingParams", "Score", "generate"]

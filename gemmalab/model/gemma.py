@@ -43,8 +43,8 @@ class Gemma(nn.Module):
     """Decoder-only Gemma language model with tied input/output embeddings.
 
     `model(tokens)` maps LongTensor [B, T] to logits [B, T, V]. Optional: `positions` [B, T],
-    `attention_mask` [B, T] (True for real tokens, False for padding), a `KVCache`, and `last_only`
-    to compute logits for the last position only.
+    `attention_mask` [B, T] (True for real tokens, False for padding), a `KVCache`, and `num_logits`
+    to compute logits for the last `num_logits` positions only (the output projection is the costly part).
     """
 
     def __init__(self, config: ModelConfig):
@@ -67,7 +67,19 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                num_logits: int | None = None) -> torch.Tensor:
+        positions, masks, n_real = self.prepare(tokens, positions, attention_mask, cache)
+        logits = self.body(tokens, positions, masks, cache, num_logits)
+        if cache is not None:
+            cache.end(n_real)
+        return logits
+
+    def prepare(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Positions [B, T], attention masks per layer kind, and real tokens per row [B] for one step.
+
+        Default positions count real tokens (so left padding does not shift them), continuing from the cache.
+        """
         c = self.config
         B, T = tokens.shape
         real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -80,24 +92,28 @@ class Gemma(nn.Module):
                 f"(max_seq_len); shorten the input or the number of new tokens."
             )
         key_pos = positions.masked_fill(~real, -1)
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            key_pos = cache.reserve(key_pos)
-        masks = _attention_masks(positions, key_pos, c.sliding_window if c.sliding_pattern else None)
+        attended = cache.begin(key_pos) if cache is not None else {False: key_pos, True: key_pos}
+        window = c.sliding_window if c.sliding_pattern else None
+        masks = {kind: _attention_mask(positions, pos, window if kind else None) for kind, pos in attended.items()}
+        return positions, masks, real.sum(1)
 
+    def body(self, tokens: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
+             cache: KVCache | None = None, num_logits: int | None = None) -> torch.Tensor:
+        """The tensor part of forward (what torch.compile sees): embedding, layers, norm, logits.
+
+        masks: for global (False) and sliding (True) layers, bool [B, 1, T, S].
+        """
+        c = self.config
         global_rope = rope_angles(positions, c.head_dim, c.rope_theta, c.rope_scaling)
         local_rope = rope_angles(positions, c.head_dim, c.rope_local_theta or c.rope_theta)
-
         x = self.embed(tokens)
         x = x * torch.tensor(math.sqrt(c.dim), dtype=x.dtype)  # the constant rounded to the activation dtype
         for i, layer in enumerate(self.layers):
             cos, sin = local_rope if layer.is_local else global_rope
-            kv_write = cache.writer(i, start) if cache is not None else None
+            kv_write = (lambda k, v, i=i: cache.write(i, k, v)) if cache is not None else None
             x = layer(x, cos, sin, masks[layer.is_local], kv_write)
-        if cache is not None:
-            cache.advance(T, real.sum(1))
-        if last_only:
-            x = x[:, -1:]
+        if num_logits is not None:
+            x = x[:, -num_logits:]
         x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if c.final_softcap is not None:
@@ -105,18 +121,14 @@ class Gemma(nn.Module):
         return logits
 
 
-def _attention_masks(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> dict[bool, torch.Tensor]:
-    """Boolean masks [B, 1, T, S] for global (False) and sliding-window (True) layers, from positions alone.
+def _attention_mask(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S] from positions alone: causal, within `window` if given, padding (-1) hidden.
 
-    q_pos: [B, T]; key_pos: [B, S] with -1 for padding. A query that may see no key at all (a padding
-    query) is allowed everything, so softmax stays finite; its output is never used.
+    q_pos: [B, T]; key_pos: [B, S]. A query that may see no key at all (a padding query) is allowed
+    everything, so softmax stays finite; its output is never used.
     """
     dist = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
     allowed = (key_pos[:, None, :] >= 0) & (dist >= 0)
-    masks = {False: allowed}
     if window is not None:
-        masks[True] = allowed & (dist < window)
-    for key, m in masks.items():
-        masks[key] = (m | ~m.any(-1, keepdim=True))[:, None]
-    masks.setdefault(True, masks[False])
-    return masks
+        allowed &= dist < window
+    return (allowed | ~allowed.any(-1, keepdim=True))[:, None]

@@ -1,0 +1,255 @@
+"""Batched inference engine: left-padded prefill, a decode loop that retires finished rows, per-row sampling,
+stop tokens and strings, streaming, per-token log-probabilities, and scoring of continuations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gemmalab.errors import GemmalabError
+from gemmalab.inference.stream import TextStream
+from gemmalab.model import Gemma, KVCache
+
+
+@dataclass
+class SamplingParams:
+    """How to continue one prompt. Temperature 0 is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # the same seed gives the same tokens, whatever else is in the batch
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's <eos> and <end_of_turn>
+    logprobs: bool = False  # return the log-probability of each new token
+
+    def check(self) -> None:
+        if self.max_new_tokens < 0:
+            raise GemmalabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise GemmalabError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise GemmalabError(f"top_k must be >= 1, got {self.top_k}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GemmalabError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+@dataclass
+class Completion:
+    """One prompt's result: prompt ids, new ids (without a stop token), their text, and why it stopped."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_new_tokens)
+    logprobs: list[float] | None = None  # log p(token) under the model (before temperature), one per id
+
+
+@dataclass
+class Score:
+    """log p(continuation | context), per token too, and whether greedy decoding would produce it."""
+
+    logprob: float
+    token_logprobs: list[float]
+    is_greedy: bool
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset
+    stream: TextStream
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Zero all but the top-k tokens and the smallest top set reaching mass p (the token crossing p stays,
+    as in gemma_pytorch). probs: [V] or [B, V]."""
+    if top_k is None and top_p is None:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
+    if top_p is not None:
+        drop |= (sorted_probs.cumsum(-1) - sorted_probs) > top_p
+    if top_k is not None:
+        drop[..., top_k:] = True
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from logits [V] (f32): argmax at temperature 0, else a draw with the row's own generator."""
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    probs = filter_probs(torch.softmax(logits / params.temperature, dim=-1), params.top_k, params.top_p)
+    # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race): one generator call per row.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return int((probs / noise).argmax())
+
+
+class Engine:
+    """Generates and scores with one model. `max_batch_size` rows run at once; more prompts queue up.
+
+    `compile=True` runs the single-token decode step through torch.compile.
+    """
+
+    def __init__(self, model: Gemma, tokenizer, max_batch_size: int = 32, compile: bool = False,
+                 logits_budget: int = 2 * 1024**3):
+        self.model, self.tokenizer, self.max_batch_size = model.eval(), tokenizer, max_batch_size
+        self.logits_budget = logits_budget  # bytes of f32 logits one scoring batch may hold
+        self.device = model.embed.weight.device
+        self._decode_body = torch.compile(model.body, dynamic=False) if compile else model.body
+
+    def _ids(self, prompt) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise GemmalabError("Every prompt needs at least one token.")
+        return ids
+
+    @torch.inference_mode()
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 on_token: Callable[[int, str, str | None], None] | None = None) -> list[Completion]:
+        """Continue each prompt (a string, encoded with BOS, or a list of ids).
+
+        `params` is one SamplingParams for all prompts or one per prompt. `on_token(prompt_index, text_delta,
+        finish_reason)` is called for every new token as it is produced; finish_reason is None until the
+        row's last call ("stop" or "length").
+        """
+        params = params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise GemmalabError(f"{len(prompts)} prompts but {len(params)} SamplingParams.")
+        for p in params:
+            p.check()
+        ids = [self._ids(p) for p in prompts]
+        limit = self.model.config.max_seq_len
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            if len(p) + sp.max_new_tokens > limit:
+                raise GemmalabError(f"Prompt {i} ({len(p)} tokens) plus max_new_tokens ({sp.max_new_tokens}) "
+                                    f"exceeds this model's {limit} positions.")
+        results: list[Completion | None] = [None] * len(ids)
+        for start in range(0, len(ids), self.max_batch_size):
+            rows = [self._row(i, ids[i], params[i]) for i in range(start, min(start + self.max_batch_size, len(ids)))]
+            self._run(rows, on_token)
+            for r in rows:
+                results[r.index] = Completion(r.prompt, r.ids, r.stream.text, r.finish_reason,
+                                              r.logprobs if r.params.logprobs else None)
+        return results
+
+    def _row(self, index: int, prompt: list[int], params: SamplingParams) -> _Row:
+        stop_ids = self.tokenizer.stop_ids if params.stop_ids is None else params.stop_ids
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return _Row(index, prompt, params, frozenset(stop_ids), TextStream(self.tokenizer, params.stop), generator)
+
+    def _run(self, rows: list[_Row], on_token) -> None:
+        """Prefill the batch, then decode until every row is done, retiring finished rows as it goes."""
+        longest = max(len(r.prompt) for r in rows)
+        capacity = longest + max(r.params.max_new_tokens for r in rows)
+        tokens = torch.zeros(len(rows), longest, dtype=torch.long)
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+        for b, r in enumerate(rows):  # left padding: every row's last prompt token is in the last column
+            tokens[b, longest - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[b, longest - len(r.prompt):] = True
+        for r in rows:
+            if r.params.max_new_tokens == 0:
+                r.finish_reason = "length"
+        active = [r for r in rows if r.finish_reason is None]
+        if not active:
+            return
+        keep = torch.tensor([b for b, r in enumerate(rows) if r.finish_reason is None])
+        tokens, mask = tokens[keep], mask[keep]
+        cache = KVCache(self.model.config, len(active), capacity, self.model.embed.weight.dtype, self.device)
+        logits = self.model(tokens.to(self.device), attention_mask=mask.to(self.device), cache=cache, num_logits=1)[:, -1]
+        while True:
+            next_tokens = self._step_rows(active, logits.float(), on_token)
+            done = [r.finish_reason is not None for r in active]
+            if all(done):
+                return
+            if sum(done) * 4 >= len(active):  # retire finished rows once they are a quarter of the batch
+                keep = [b for b, d in enumerate(done) if not d]
+                cache.keep_rows(torch.tensor(keep, device=self.device))
+                active, next_tokens = [active[b] for b in keep], [next_tokens[b] for b in keep]
+            step = torch.tensor(next_tokens, device=self.device)[:, None]
+            positions, masks, n_real = self.model.prepare(step, cache=cache)
+            logits = self._decode_body(step, positions, masks, cache, 1)[:, -1]
+            cache.end(n_real)
+
+    def _step_rows(self, active: list[_Row], logits: torch.Tensor, on_token) -> list[int]:
+        """Sample one token per active row and update its state; returns the tokens to feed next."""
+        greedy = logits.argmax(-1).tolist()
+        want_logprobs = any(r.params.logprobs for r in active)
+        logp = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        fed = []
+        for b, r in enumerate(active):
+            if r.finish_reason is not None:  # finished, not yet retired: feed anything
+                fed.append(0)
+                continue
+            tok = greedy[b] if r.params.temperature <= 0 else sample_row(logits[b], r.params, r.generator)
+            fed.append(tok)
+            if tok in r.stop_ids:
+                r.finish_reason, delta = "stop", r.stream.flush()
+            else:
+                r.ids.append(tok)
+                if logp is not None:
+                    r.logprobs.append(float(logp[b, tok]))
+                delta = r.stream.push(tok)
+                if r.stream.stopped:
+                    r.finish_reason = "stop"
+                elif len(r.ids) >= r.params.max_new_tokens:
+                    r.finish_reason, delta = "length", delta + r.stream.flush()
+            if on_token is not None:
+                on_token(r.index, delta, r.finish_reason)
+        return fed
+
+    @torch.inference_mode()
+    def score(self, pairs: list[tuple], batch_size: int | None = None) -> list[Score]:
+        """log p(continuation | context) for (context, continuation) pairs of strings or id lists.
+
+        A string context is encoded with BOS, a string continuation without. The numbers are exactly those of
+        a forward pass of each pair alone.
+        """
+        batch_size = batch_size or self.max_batch_size
+        items = []
+        for i, (context, continuation) in enumerate(pairs):
+            ctx = self._ids(context)
+            cont = self.tokenizer.encode(continuation, bos=False) if isinstance(continuation, str) else list(continuation)
+            if not cont:
+                raise GemmalabError(f"Pair {i}: the continuation has no tokens.")
+            if len(ctx) + len(cont) > self.model.config.max_seq_len:
+                raise GemmalabError(f"Pair {i}: {len(ctx) + len(cont)} tokens exceed the model's "
+                                    f"{self.model.config.max_seq_len} positions.")
+            items.append((ctx, cont))
+        # Rows of equal length batch without padding and with logits at every position, the very computation of
+        # a forward pass of one row; only the batch dimension differs, which leaves each row's numbers exactly as
+        # they are alone (padding or a slice of positions would change matmul shapes, and with them the last bits).
+        # Batches are capped so their logits stay within `logits_budget` bytes (or one row's, if larger).
+        by_length: dict[int, list[int]] = {}
+        for i, (ctx, cont) in enumerate(items):
+            by_length.setdefault(len(ctx) + len(cont), []).append(i)
+        row_bytes = lambda length: length * self.model.config.vocab_size * 4  # noqa: E731
+        chunks = []
+        for length, group in by_length.items():
+            size = max(1, min(batch_size, self.logits_budget // row_bytes(length)))
+            chunks += [group[s:s + size] for s in range(0, len(group), size)]
+        scores: list[Score | None] = [None] * len(items)
+        for chunk in chunks:
+            tokens = torch.tensor([items[i][0] + items[i][1] for i in chunk], device=self.device)
+            logits = self.model(tokens)  # [B, T, V]
+            for b, i in enumerate(chunk):
+                ctx, cont = items[i]
+                rows = torch.log_softmax(logits[b, len(ctx) - 1:-1].float(), -1)  # position t predicts token t + 1
+                target = torch.tensor(cont, device=rows.device)
+                token_logprobs = rows.gather(-1, target[:, None])[:, 0]
+                scores[i] = Score(float(token_logprobs.sum()), token_logprobs.tolist(),
+                                  bool((rows.argmax(-1) == target).all()))
+        return scores

@@ -1,0 +1,227 @@
+"""Weight-only int8 and int4 quantization for inference, on torch's own CPU and CUDA kernels (gpt-fast style).
+
+    from gemmalab.model.quant import quantize
+    quantize(model, "int8")                  # per-output-channel symmetric int8
+    quantize(model, "int4", group_size=128)  # grouped asymmetric int4 (tinygemm layout)
+
+Every nn.Linear in the blocks and the tied output projection (`x @ embed.weight.T`, installed as
+`model.lm_head`) become an `Int8Linear` or `Int4Linear`. The embedding lookup keeps its full-precision table:
+the quantized output projection is a second, compressed copy of it. Quantized models are for inference only;
+`save_hf` refuses them.
+
+Kernels and their constraints (torch 2.11-2.13):
+- `torch._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]` (CPU): x f32/f16/bf16 and
+  scales of the *same* dtype as x. On CUDA torch's kernel is a naive one-thread-per-output loop, so there we
+  use `F.linear(x, w.to(x.dtype)) * scales` instead.
+- int4, CPU: `torch._convert_weight_to_int4pack_for_cpu(q int32 [N, K] in 0..15, inner_k_tiles) -> uint8
+  [N, K/2]` and `torch._weight_int4pack_mm_for_cpu(x [M, K], packed, group_size, scales_and_zeros)`; N a
+  multiple of 16, x and scales_and_zeros of the same dtype.
+- int4, CUDA (sm80+): `torch._convert_weight_to_int4pack(u8 [N, K/2] (even k in the high nibble),
+  inner_k_tiles in {2, 4, 8}) -> int32 [N/8, K/(inner_k_tiles*16), 32, inner_k_tiles/2]` and
+  `torch._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)`; x and scales_and_zeros must be bf16,
+  N a multiple of 8, K a multiple of inner_k_tiles * 16.
+- Both int4 kernels: group_size in {32, 64, 128, 256}, K a multiple of group_size, and scales_and_zeros
+  [K / group_size, N, 2] holding (scale, zero) with w = (q - 8) * scale + zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmalab.errors import GemmalabError
+from gemmalab.model.gemma import Gemma
+
+MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# The int4 matmul always runs on bf16 activations: the CUDA kernel accepts nothing else, and on CPU the f32
+# path is several times slower than bf16 at decode (an int4 weight's error dwarfs bf16 activation rounding).
+INT4_COMPUTE_DTYPE = torch.bfloat16
+
+
+# ---- int8: symmetric, one scale per output channel -------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q int8 [N, K], scales [N] in scale_dtype) with weight ~= q * scales[:, None].
+
+    q is rounded against the stored (scale_dtype-rounded) scales, so the pair is self-consistent.
+    """
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Reference dequantization, f32 [N, K]: q * scales[:, None]."""
+    return q.float() * scales.float()[:, None]
+
+
+def _int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (q * scales).T -> [M, N] in x.dtype."""
+    if x.device.type == "cpu":
+        return torch._weight_int8pack_mm(x.contiguous(), q, scales.to(x.dtype))
+    return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Bias-free linear with an int8 weight [N, K] and per-output-channel scales [N]; activations in their own dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scales = quantize_int8(weight, scale_dtype or weight.dtype)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)  # follows model.to(dtype); cast to x.dtype if it differs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _int8_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# ---- int4: asymmetric, one (scale, zero) per group of group_size input channels -----------------------------
+
+def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype = INT4_COMPUTE_DTYPE
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q int32 [N, K] in 0..15, scales_and_zeros [K / group_size, N, 2] in scale_dtype).
+
+    Min/max per group: scale = (max - min) / 15, zero = min + 8 * scale, so w ~= (q - 8) * scale + zero, the
+    form both tinygemm kernels dequantize. q is rounded against the stored (rounded) scale and zero.
+    """
+    N, K = weight.shape
+    groups = weight.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype)
+    zero = (lo + 8 * scale.float()).to(scale_dtype)
+    q = torch.round((groups - zero.float()) / scale.float() + 8).clamp(0, 15).to(torch.int32).reshape(N, K)
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    return q, scales_and_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reference dequantization shared by the CPU and CUDA paths, f32 [N, K]: (q - 8) * scale + zero per group."""
+    N, K = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)  # [N, K/g, 2]
+    groups = q.float().reshape(N, K // group_size, group_size)
+    return ((groups - 8) * sz[..., :1] + sz[..., 1:]).reshape(N, K)
+
+
+def pack_int4_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q int32 [N, K] in 0..15 -> uint8 [N, K/2], even k in the high nibble: the CUDA packer's input format."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
+def int4_inner_k_tiles(in_features: int) -> int:
+    """The largest inner_k_tiles (8, 4 or 2) the CUDA layout allows for K; 0 if none (K not a multiple of 32)."""
+    return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), 0)
+
+
+def _int4_pack(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The device's packed weight layout for q int32 [N, K]."""
+    if device.type == "cuda":
+        return torch._convert_weight_to_int4pack(pack_int4_nibbles(q).to(device), int4_inner_k_tiles(q.shape[1]))
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(device), 8)  # the CPU layout ignores inner_k_tiles
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in INT4_COMPUTE_DTYPE, W the dequantized weight."""
+    x = x.to(INT4_COMPUTE_DTYPE).contiguous()
+    sz = scales_and_zeros.to(INT4_COMPUTE_DTYPE)
+    if x.device.type == "cuda":
+        return torch._weight_int4pack_mm(x, packed, group_size, sz)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+
+
+def int4_shape_problem(out_features: int, in_features: int, group_size: int, device: torch.device | str) -> str | None:
+    """Why the int4 kernel of `device` cannot take a [out_features, in_features] weight, or None if it can."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"int4 has kernels for CPU and CUDA only, not {device.type}"
+    if group_size not in INT4_GROUP_SIZES:
+        return f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}"
+    if in_features % group_size:
+        return f"in_features {in_features} is not a multiple of group_size {group_size}"
+    multiple = 8 if device.type == "cuda" else 16
+    if out_features % multiple:
+        return f"out_features {out_features} is not a multiple of {multiple} (the {device.type} int4 kernel's tile)"
+    return None
+
+
+class Int4Linear(nn.Module):
+    """Bias-free linear with a grouped int4 weight in the kernel's packed layout (CPU or CUDA, fixed at build).
+
+    Activations are cast to bf16 for the kernel (see INT4_COMPUTE_DTYPE) and the output back to x.dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 128):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        problem = int4_shape_problem(self.out_features, self.in_features, group_size, weight.device)
+        if problem:
+            raise GemmalabError(f"Cannot quantize a [{self.out_features}, {self.in_features}] weight to int4: {problem}.")
+        self.group_size = group_size
+        self.device_type = weight.device.type  # the packed layout differs between CPU and CUDA
+        q, scales_and_zeros = quantize_int4(weight, group_size)
+        self.register_buffer("weight", _int4_pack(q, weight.device))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K / group_size, N, 2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.device_type:
+            raise GemmalabError(f"This int4 layer was packed for {self.device_type} but runs on {x.device.type}; "
+                                f"quantize the model after moving it to the device it will run on.")
+        y = _int4_mm(x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+# ---- whole model ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def quantize(model: Gemma, mode: str, group_size: int = 128) -> Gemma:
+    """In place: every nn.Linear in the blocks and the output projection become weight-only int8 or int4 modules.
+
+    "int8": symmetric int8 with per-output-channel scales (`Int8Linear`); activations stay in the model dtype.
+    "int4": asymmetric int4 in groups of `group_size` input channels (`Int4Linear`); the int4 matmul runs on
+    bf16 activations, returning the model dtype. Quantize on the device the model will run on (the int4
+    layout is device-specific). The output projection becomes `model.lm_head`; the embedding lookup keeps its
+    full-precision table. Returns the model.
+
+    Raises GemmalabError for an unknown mode, an already quantized model, or a layer the kernel cannot take
+    (naming the layer and why); the model is unchanged then.
+    """
+    if mode not in MODES:
+        raise GemmalabError(f"Unknown quantization mode {mode!r}; use one of {', '.join(MODES)}.")
+    if model.lm_head is not None:
+        raise GemmalabError("This model is already quantized (model.lm_head is set); quantize the original model.")
+    linears = {f"layers.{name}": m for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)}
+    weights = {name: m.weight for name, m in linears.items()}
+    weights["lm_head"] = model.embed.weight  # tied: logits = x @ embed.weight.T
+
+    # Check every layer before changing any, so a failure leaves the model as it was.
+    for name, m in linears.items():
+        if m.bias is not None:
+            raise GemmalabError(f"Cannot quantize {name}: it has a bias, which the quantized modules do not support.")
+    if mode == "int4":
+        for name, w in weights.items():
+            problem = int4_shape_problem(*w.shape, group_size, w.device)
+            if problem:
+                raise GemmalabError(f"Cannot quantize {name} [{w.shape[0]}, {w.shape[1]}] to int4: {problem}.")
+
+    def build(w: torch.Tensor) -> nn.Module:
+        return Int8Linear(w) if mode == "int8" else Int4Linear(w, group_size)
+
+    for name, m in linears.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, build(m.weight))
+    model.lm_head = build(model.embed.weight)
+    return model
+
+
+__all__ = ["Int4Linear", "Int8Linear", "dequantize_int4", "dequantize_int8", "quantize", "quantize_int4",
+           "quantize_int8"]
