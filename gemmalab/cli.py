@@ -15,6 +15,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt, which carries no config (e.g. gemma-2b)")
 
 
+def _add_sampling(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+
+
 def _load(args):
     import gemmalab
     from gemmalab.model import get_preset
@@ -32,9 +43,7 @@ def _require_tokenizer(tokenizer, ref):
 def cmd_generate(args) -> None:
     from gemmalab.inference import generate
 
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     model, tokenizer = _load(args)
     tokenizer = _require_tokenizer(tokenizer, args.model)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
@@ -44,6 +53,24 @@ def cmd_generate(args) -> None:
         print(json.dumps({"prompt_ids": out.prompt_ids, "ids": out.ids, "text": out.text}, ensure_ascii=False))
     else:
         print((args.prompt if not args.chat else "") + out.text)
+
+
+def cmd_chat(args) -> None:
+    from gemmalab.inference import Engine, SamplingParams
+    from gemmalab.inference.chat import run_chat
+
+    _set_threads(args)
+    model, tokenizer = _load(args)
+    engine = Engine(model, _require_tokenizer(tokenizer, args.model), max_batch_size=1)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    run_chat(engine, params, args.system, str(args.model))
+
+
+def _set_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def _tokenize_inputs(args):
@@ -109,16 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma dialogue template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    _add_sampling(p, temperature=0.0, max_new_tokens=64)
     p.add_argument("--json", action="store_true", help='print {"prompt_ids", "ids", "text"}')
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the Gemma dialogue format")
+    _add_model(p)
+    p.add_argument("--system", help="a system message (folded into the first user turn)")
+    _add_sampling(p, temperature=0.7, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("tokenize", help="text to token ids")
     p.add_argument("--model", required=True)

@@ -35,3 +35,18 @@ def real_model(gguf_path):
     import gemmalab
 
     return gemmalab.load(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 512-piece tokenizer with Gemma's settings (the vocabulary size of the tiny presets), trained in < 1 s."""
+    import random
+
+    from gemmalab.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 10**6)}." for _ in range(600)]
+    root = tmp_path_factory.mktemp("tiny_tokenizer")
+    (root / "text.txt").write_text("\n".join(lines) + "\n")
+    return train_tokenizer([root / "text.txt"], 512, root / "out")

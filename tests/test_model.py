@@ -141,3 +141,17 @@ def test_softcapping_bounds_the_logits():
         model.embed.weight.mul_(100)
         logits = model(torch.randint(0, 512, (1, 8)))
     assert logits.abs().max() <= 30.0
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma", "tiny-gemma2", "tiny-gemma3"])
+def test_packed_documents_do_not_see_each_other(preset):
+    model = _model(preset)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 512, (1, 7), generator=g), torch.randint(0, 512, (1, 12), generator=g)
+    packed = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(7), torch.arange(12)])[None]
+    doc_ids = torch.tensor([[0] * 7 + [1] * 12])
+    with torch.no_grad():
+        out = model(packed, positions=positions, doc_ids=doc_ids)
+        torch.testing.assert_close(out[:, :7], model(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, 7:], model(b), rtol=1e-5, atol=1e-5)

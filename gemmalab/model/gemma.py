@@ -67,18 +67,21 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                num_logits: int | None = None) -> torch.Tensor:
-        positions, masks, n_real = self.prepare(tokens, positions, attention_mask, cache)
+                num_logits: int | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        positions, masks, n_real = self.prepare(tokens, positions, attention_mask, cache, doc_ids)
         logits = self.body(tokens, positions, masks, cache, num_logits)
         if cache is not None:
             cache.end(n_real)
         return logits
 
     def prepare(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None):
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                doc_ids: torch.Tensor | None = None):
         """Positions [B, T], attention masks per layer kind, and real tokens per row [B] for one step.
 
         Default positions count real tokens (so left padding does not shift them), continuing from the cache.
+        `doc_ids` [B, T] (packed training rows, no cache) keeps attention within each document; give
+        positions that restart at each document with it.
         """
         c = self.config
         B, T = tokens.shape
@@ -95,6 +98,11 @@ class Gemma(nn.Module):
         attended = cache.begin(key_pos) if cache is not None else {False: key_pos, True: key_pos}
         window = c.sliding_window if c.sliding_pattern else None
         masks = {kind: _attention_mask(positions, pos, window if kind else None) for kind, pos in attended.items()}
+        if doc_ids is not None:
+            if cache is not None:
+                raise GemmalabError("doc_ids (document masking) is for packed training rows, not for a KV cache.")
+            same_doc = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]  # [B, 1, T, T]
+            masks = {kind: m & same_doc for kind, m in masks.items()}
         return positions, masks, real.sum(1)
 
     def body(self, tokens: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
