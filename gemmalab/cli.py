@@ -67,6 +67,18 @@ def cmd_chat(args) -> None:
     run_chat(engine, params, args.system, str(args.model))
 
 
+def cmd_serve(args) -> None:
+    from gemmalab.inference import Engine
+    from gemmalab.inference.server import serve
+
+    _set_threads(args)
+    model, tokenizer = _load(args)
+    engine = Engine(model, _require_tokenizer(tokenizer, args.model), max_batch_size=args.max_batch_size,
+                    compile=args.compile)
+    serve(engine, args.model_name or str(args.model), host=args.host, port=args.port, max_queue=args.max_queue,
+          batch_wait_ms=args.batch_wait_ms)
+
+
 def _set_threads(args) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -145,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message (folded into the first user turn)")
     _add_sampling(p, temperature=0.7, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serve.md)")
+    _add_model(p)
+    p.add_argument("--model-name", help="name clients use (default: the --model value)")
+    p.add_argument("--host", default="127.0.0.1", help="no authentication: keep 127.0.0.1 unless the network is trusted")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=64, help="prompts that may wait; beyond it requests get 429")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start on CPU)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tokenize", help="text to token ids")
     p.add_argument("--model", required=True)
