@@ -1,15 +1,18 @@
-"""Decode speed: gemmalab against transformers on the real Gemma 3 270M, batch 1, in one process.
+"""Decode speed on the real Gemma 3 270M, batch 1 and batched, against transformers and llama.cpp, in one run.
 
-    .venv/bin/python bench/decode.py [--new-tokens 128] [--threads 2] [--dtypes float32,bfloat16]
+    .venv/bin/python bench/decode.py [--new-tokens 128] [--threads 2] [--modes ...] [--batch 32 --batch-new-tokens 64]
 
-Both load the same GGUF file (dequantized to the same dtype) and decode the same greedy continuation of
-the same prompt; tokens/s counts new tokens over wall time of the whole generate call (prefill included),
-best of --repeats runs after one warm-up. Also reports the load time of the GGUF.
+Modes: ours-fp32, ours-bf16, ours-int8, ours-int4 (gemmalab.Engine; int8/int4: weight-only quantization of every
+linear layer and the output projection), hf-fp32, hf-bf16 (transformers loading the same GGUF), llama
+(llama-cpp-python on the same Q4_K_M GGUF; `pip install llama-cpp-python`, which builds llama.cpp, minutes).
+tok/s counts new tokens over the wall time of a whole greedy generation (prefill included), best of
+--repeats after one warm-up. Batched: --batch prompts of different lengths, --batch-new-tokens each, total tok/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -17,11 +20,14 @@ import time
 import torch
 
 import gemmalab
+from gemmalab.inference import Engine, SamplingParams
+from gemmalab.model.quant import quantize
 
 PROMPT = "The history of the printing press begins"
+ALL_MODES = "ours-fp32,ours-bf16,ours-int8,ours-int4,hf-fp32,hf-bf16,llama"
 
 
-def _time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -31,51 +37,83 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def ours(model, tokenizer, mode: str):
+    """The model for one of our modes (copies: each mode gets its own weights)."""
+    dtype = torch.bfloat16 if mode.endswith("bf16") else torch.float32
+    m = copy.deepcopy(model).to(dtype)
+    if mode in ("ours-int8", "ours-int4"):
+        m = quantize(m, mode.removeprefix("ours-"))
+    return Engine(m, tokenizer, max_batch_size=64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--modes", default=ALL_MODES)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-modes", default="ours-fp32,ours-bf16,ours-int8")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    import transformers
+    n = args.new_tokens
 
     path = gemmalab.checkpoint.resolve("gemma3-270m")
     start = time.perf_counter()
     model, tokenizer = gemmalab.load(path)
-    load_s = time.perf_counter() - start
+    results = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
+               "new_tokens": n, "gemmalab_load_s": round(time.perf_counter() - start, 2), "batch1": {}, "batched": {}}
+    print(f"gemmalab load of the 270M GGUF (weights + tokenizer): {results['gemmalab_load_s']:.1f} s")
     ids = tokenizer.encode(PROMPT)
-    n = args.new_tokens
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "new_tokens": n,
-               "torch": torch.__version__, "transformers": transformers.__version__, "gemmalab_load_s": round(load_s, 2)}
-    print(f"gemmalab load of the 270M GGUF (weights + tokenizer): {load_s:.1f} s")
+    greedy = SamplingParams(max_new_tokens=n, stop_ids=())
 
-    start = time.perf_counter()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    results["transformers_load_s"] = round(time.perf_counter() - start, 2)
+    hf = None
+    for mode in args.modes.split(","):
+        if mode.startswith("ours"):
+            engine = ours(model, tokenizer, mode)
+            run = lambda: engine.generate([ids], greedy)  # noqa: E731
+        elif mode.startswith("hf"):
+            import transformers
 
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        ours, theirs = model.to(dtype), hf.to(dtype)
-        out_ours = {}
+            if hf is None:
+                hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=torch.float32).eval()
+                results["transformers"] = transformers.__version__
+            hf_model = hf.to(torch.bfloat16 if mode == "hf-bf16" else torch.float32)
 
-        def run_ours():
-            out_ours["ids"] = gemmalab.generate(ours, tokenizer, [ids], max_new_tokens=n, stop_ids=())[0].ids
+            def run():
+                with torch.no_grad():
+                    hf_model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        elif mode == "llama":
+            import llama_cpp
 
-        def run_theirs():
-            with torch.no_grad():
-                out = theirs.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            out_ours["hf"] = out[0, len(ids):].tolist()
+            llm = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, n_ctx=512, verbose=False)
+            results["llama_cpp"] = llama_cpp.__version__
+            prompt_tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
 
-        t_ours, t_theirs = _time(run_ours, args.repeats), _time(run_theirs, args.repeats)
-        same = out_ours["ids"] == out_ours["hf"]
-        row = {"ours_tok_s": round(n / t_ours, 1), "transformers_tok_s": round(n / t_theirs, 1),
-               "ratio": round(t_theirs / t_ours, 2), "same_tokens": same}
-        results[dtype_name] = row
-        print(f"{dtype_name:9s} gemmalab {row['ours_tok_s']:6.1f} tok/s   transformers {row['transformers_tok_s']:6.1f} tok/s"
-              f"   ratio {row['ratio']:.2f}x   identical tokens: {same}")
+            def run():
+                llm.reset()
+                for i, _ in enumerate(llm.generate(prompt_tokens, temp=0.0, reset=True)):
+                    if i + 1 == n:
+                        break
+        else:
+            raise SystemExit(f"unknown mode {mode}; modes: {ALL_MODES}")
+        tok_s = n / best_time(run, args.repeats)
+        results["batch1"][mode] = round(tok_s, 1)
+        print(f"batch 1   {mode:10s} {tok_s:7.1f} tok/s", flush=True)
+
+    lengths = [4 + (7 * i) % 40 for i in range(args.batch)]  # prompts of different lengths
+    words = (PROMPT + " and the spread of books across Europe in the following centuries") .split()
+    prompts = [" ".join((words * 8)[:k]) for k in lengths]
+    for mode in args.batch_modes.split(","):
+        engine = ours(model, tokenizer, mode)
+        params = SamplingParams(max_new_tokens=args.batch_new_tokens, stop_ids=())
+        t = best_time(lambda: engine.generate(prompts, params), 1)
+        tok_s = args.batch * args.batch_new_tokens / t
+        ratio = tok_s / results["batch1"].get(mode, float("nan"))
+        results["batched"][mode] = {"tok_s": round(tok_s, 1), "vs_batch1": round(ratio, 2)}
+        print(f"batch {args.batch}  {mode:10s} {tok_s:7.1f} tok/s total ({ratio:.1f}x batch 1)", flush=True)
     print(json.dumps(results))
 
 

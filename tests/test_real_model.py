@@ -93,3 +93,12 @@ def test_converted_model_directory_loads_in_transformers(real_model, gguf_path, 
     with torch.no_grad():
         diff = (model(torch.tensor([ids])) - hf(torch.tensor([ids])).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_cli_generate_quantized(gguf_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "gemmalab", "generate", "--model", str(gguf_path), "--prompt", "The capital of France is",
+         "--max-new-tokens", "6", "--quantize", "int8", "--dtype", "bfloat16", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["text"].startswith(" the capital of the country")
