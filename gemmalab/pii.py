@@ -304,21 +304,9 @@ def find_pii(text: str, kinds: tuple[str, ...] | None = None, region: str = "US"
     unknown = wanted - set(KINDS)
     if unknown:
         raise ValueError(f"unknown PII kinds {sorted(unknown)}; known: {list(KINDS)}")
-    found: list[PiiMatch] = []
-    if "SECRET" in wanted:
-        found += _find_secrets(text)
-    if "CARD" in wanted:
-        found += _find_cards(text)
-    if "IBAN" in wanted:
-        found += _find_ibans(text)
-    if "SSN" in wanted:
-        found += _find_ssns(text)
-    if "EMAIL" in wanted:
-        found += _find_emails(text)
-    if "IP" in wanted:
-        found += _find_ips(text)
-    if "PHONE" in wanted:
-        found += _find_phones(text, region)
+    finders = {"SECRET": _find_secrets, "CARD": _find_cards, "IBAN": _find_ibans, "SSN": _find_ssns,
+               "EMAIL": _find_emails, "IP": _find_ips, "PHONE": lambda t: _find_phones(t, region)}
+    found: list[PiiMatch] = [m for kind, find in finders.items() if kind in wanted for m in find(text)]
     # Higher priority first, then longer spans; drop anything overlapping an accepted span.
     found.sort(key=lambda m: (_PRIORITY[m.kind], m.start - m.end, m.start))
     accepted: list[PiiMatch] = []
