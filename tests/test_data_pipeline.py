@@ -251,3 +251,6 @@ def test_packing_trains_a_tokenizer_when_none_is_named(corpus, tmp_path):
     meta = json.loads((tmp_path / "out" / "tokens" / "meta.json").read_text())
     assert meta["vocab_size"] == 600 and (tmp_path / "out" / "tokenizer" / "tokenizer.model").is_file()
     assert meta["num_docs"] == card.documents_out
+    for name, src in card.sources.items():  # the card counts tokens with the tokenizer the shards use
+        assert meta["sources"][name]["tokens"] == src["tokens_out"] + 2 * src["documents_out"]
+        assert src["tokens_in"] >= src["tokens_out"]

@@ -63,7 +63,7 @@ class PackConfig:
     """Token shards of the kept documents (OUT/tokens/, design.md's contract) for training.
 
     The tokenizer is the config's `tokenizer`; without one, a tokenizer with Gemma's settings and
-    `vocab_size` pieces is trained on the kept documents (OUT/tokenizer/).
+    `vocab_size` pieces is trained on the input documents (OUT/tokenizer/) before filtering.
     """
 
     enabled: bool = True
@@ -82,7 +82,7 @@ class DataConfig:
     text_key: str = "text"
     id_key: str = "id"
     # Count tokens in and out per source and pack with this tokenizer: a model reference ("gemma3-270m",
-    # a model folder, a .gguf) or a tokenizer.model file. None: packing trains one (see [pack]).
+    # a model folder, a .gguf) or a tokenizer.model file. None: one is trained (see [pack]).
     tokenizer: str | None = None
     # source name -> kind (prose, code, math); unlisted sources are prose.
     source_kinds: dict[str, str] = field(default_factory=lambda: {"code": "code", "math": "math"})

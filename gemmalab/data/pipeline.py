@@ -20,6 +20,7 @@ Output folder: `documents/` (design-contract JSONL, one file per task), `data_ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ from gemmalab.data.dedup import (
     CountingDedup, WhitespaceWordTokenizer, exact_config, lsh_match_probability, lsh_threshold, minhash_config,
 )
 from gemmalab.data.filters import DecontamFilter, LanguageFilter, PiiFilter, QualityFilter, SafetyFilter
-from gemmalab.data.reader import CountingJsonlReader, InputFile, OutputCounter, TaskFileReader, document_adapter
+from gemmalab.checkpoint import load_tokenizer
+from gemmalab.data.reader import (
+    CountingJsonlReader, InputFile, OutputCounter, TaskFileReader, document_adapter, open_lines,
+)
 from gemmalab.errors import GemmalabError
 
 __all__ = ["Stage", "prepare", "prepare_from_file", "finish", "resolve_inputs", "build_stages", "build_executors",
@@ -209,6 +213,8 @@ def prepare(config: DataConfig, out_dir: str | Path | None = None) -> DataCard |
     out.mkdir(parents=True, exist_ok=True)
     _prepare_dirs(out)
     files = resolve_inputs(config, out)
+    if config.pack.enabled and config.tokenizer is None:
+        config = dataclasses.replace(config, tokenizer=str(train_tokenizer_on_inputs(config, files, out)))
     (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n", encoding="utf-8")
     if config.decontamination.enabled:
         NgramIndex(config.decontamination.benchmarks, config.decontamination.ngram)  # fail early on bad files
@@ -226,23 +232,35 @@ def prepare(config: DataConfig, out_dir: str | Path | None = None) -> DataCard |
         ex.run()
     card = finish(config, out)
     if config.pack.enabled:
-        pack_documents(config, out)
+        from gemmalab.data.packing import pack
+
+        pack(sorted((out / "documents").glob("*.jsonl*")), load_tokenizer(config.tokenizer), out / "tokens",
+             seq_len=config.pack.seq_len, shard_tokens=config.pack.shard_tokens)
     return card
 
 
-def pack_documents(config: DataConfig, out: Path):
-    """Token shards of OUT/documents in OUT/tokens, with the config's tokenizer or one trained here."""
-    from gemmalab.checkpoint import load_tokenizer
-    from gemmalab.data.packing import pack
+def train_tokenizer_on_inputs(config: DataConfig, files: list[InputFile], out: Path) -> Path:
+    """Train a tokenizer with Gemma's settings on the input texts (OUT/tokenizer/), before filtering, so the
+    data card can count tokens in and out with the tokenizer the shards use. Malformed lines are skipped
+    here; the pipeline's reader counts them."""
     from gemmalab.tokenizer import train_tokenizer
 
-    documents = sorted((out / "documents").glob("*.jsonl*"))
-    if config.tokenizer is not None:
-        tokenizer = load_tokenizer(config.tokenizer)
-    else:
-        tokenizer = train_tokenizer(documents, config.pack.vocab_size, out / "tokenizer",
-                                    input_sentence_size=config.pack.train_sentences)
-    return pack(documents, tokenizer, out / "tokens", seq_len=config.pack.seq_len, shard_tokens=config.pack.shard_tokens)
+    folder = out / "tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = folder / "training_text.txt"
+    with open(sample, "w", encoding="utf-8") as f:
+        for input_file in files:
+            with open_lines(input_file.path) as lines:
+                for raw in lines:
+                    try:
+                        text = json.loads(raw)[config.text_key]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if isinstance(text, str) and text.strip():
+                        f.write(text.replace("\r", "") + "\n")
+    train_tokenizer([sample], config.pack.vocab_size, folder, input_sentence_size=config.pack.train_sentences)
+    sample.unlink()
+    return folder / "tokenizer.model"
 
 
 def prepare_from_file(config_path: str | Path, out_dir: str | Path | None = None) -> DataCard | None:
