@@ -108,3 +108,10 @@ def test_text_stream_holds_back_incomplete_characters_and_stop_prefixes():
     assert stream.push(ord("D")) == "" and stream.stopped and stream.text == "héllo "
     other = TextStream(ByteTokenizer(), stop=("END",))
     assert "".join(other.push(b) for b in b"ENX") == "ENX"  # not a stop after all: released
+
+
+def test_compiled_decode_step_gives_the_same_tokens(engine):
+    params = [SamplingParams(max_new_tokens=n, stop_ids=()) for n in (5, 12)]
+    plain = engine.generate(PROMPTS[:2], params)
+    compiled = Engine(engine.model, engine.tokenizer, max_batch_size=2, compile=True).generate(PROMPTS[:2], params)
+    assert [c.ids for c in compiled] == [p.ids for p in plain]

@@ -97,7 +97,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 class Engine:
     """Generates and scores with one model. `max_batch_size` rows run at once; more prompts queue up.
 
-    `compile=True` runs the single-token decode step through torch.compile.
+    `compile=True` runs the single-token decode step through torch.compile. The compiled step is specialised
+    to its shapes, so the cache size is rounded up to a power of two and finished rows are not retired;
+    each new (batch size, cache size) pair compiles once more.
     """
 
     def __init__(self, model: Gemma, tokenizer, max_batch_size: int = 32, compile: bool = False,
@@ -105,6 +107,7 @@ class Engine:
         self.model, self.tokenizer, self.max_batch_size = model.eval(), tokenizer, max_batch_size
         self.logits_budget = logits_budget  # bytes of f32 logits one scoring batch may hold
         self.device = model.embed.weight.device
+        self.compiled = compile
         self._decode_body = torch.compile(model.body, dynamic=False) if compile else model.body
 
     def _ids(self, prompt) -> list[int]:
@@ -155,6 +158,8 @@ class Engine:
         """Prefill the batch, then decode until every row is done, retiring finished rows as it goes."""
         longest = max(len(r.prompt) for r in rows)
         capacity = longest + max(r.params.max_new_tokens for r in rows)
+        if self.compiled:  # a compiled decode step is specialised to the cache shape: reuse a few sizes
+            capacity = min(max(256, 1 << (capacity - 1).bit_length()), self.model.config.max_seq_len)
         tokens = torch.zeros(len(rows), longest, dtype=torch.long)
         mask = torch.zeros(len(rows), longest, dtype=torch.bool)
         for b, r in enumerate(rows):  # left padding: every row's last prompt token is in the last column
@@ -175,7 +180,7 @@ class Engine:
             done = [r.finish_reason is not None for r in active]
             if all(done):
                 return
-            if sum(done) * 4 >= len(active):  # retire finished rows once they are a quarter of the batch
+            if not self.compiled and sum(done) * 4 >= len(active):  # retire rows once a quarter have finished
                 keep = [b for b, d in enumerate(done) if not d]
                 cache.keep_rows(torch.tensor(keep, device=self.device))
                 active, next_tokens = [active[b] for b in keep], [next_tokens[b] for b in keep]
