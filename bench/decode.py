@@ -3,7 +3,8 @@
     .venv/bin/python bench/decode.py [--new-tokens 128] [--threads 2] [--modes ...] [--batch 32 --batch-new-tokens 64]
 
 Modes: ours-fp32, ours-bf16, ours-int8, ours-int4 (gemmalab.Engine; int8/int4: weight-only quantization of every
-linear layer and the output projection), hf-fp32, hf-bf16 (transformers loading the same GGUF), llama
+linear layer and the output projection, bf16 activations), each also as `...-compile` (torch.compile of the
+decode step; the compile happens in the warm-up), hf-fp32, hf-bf16 (transformers loading the same GGUF), llama
 (llama-cpp-python on the same Q4_K_M GGUF; `pip install llama-cpp-python`, which builds llama.cpp, minutes).
 tok/s counts new tokens over the wall time of a whole greedy generation (prefill included), best of
 --repeats after one warm-up. Batched: --batch prompts of different lengths, --batch-new-tokens each, total tok/s.
@@ -24,7 +25,8 @@ from gemmalab.inference import Engine, SamplingParams
 from gemmalab.model.quant import quantize
 
 PROMPT = "The history of the printing press begins"
-ALL_MODES = "ours-fp32,ours-bf16,ours-int8,ours-int4,hf-fp32,hf-bf16,llama"
+ALL_MODES = ("ours-fp32,ours-bf16,ours-int8,ours-int4,ours-bf16-compile,ours-int8-compile,ours-int4-compile,"
+             "hf-fp32,hf-bf16,llama")
 
 
 def best_time(fn, repeats: int) -> float:
@@ -38,12 +40,12 @@ def best_time(fn, repeats: int) -> float:
 
 
 def ours(model, tokenizer, mode: str):
-    """The model for one of our modes (copies: each mode gets its own weights)."""
-    dtype = torch.bfloat16 if mode.endswith("bf16") else torch.float32
-    m = copy.deepcopy(model).to(dtype)
-    if mode in ("ours-int8", "ours-int4"):
-        m = quantize(m, mode.removeprefix("ours-"))
-    return Engine(m, tokenizer, max_batch_size=64)
+    """The engine for one of our modes (copies: each mode gets its own weights)."""
+    kind = mode.removeprefix("ours-").removesuffix("-compile")
+    m = copy.deepcopy(model).to(torch.float32 if kind == "fp32" else torch.bfloat16)
+    if kind in ("int8", "int4"):
+        m = quantize(m, kind)
+    return Engine(m, tokenizer, max_batch_size=64, compile=mode.endswith("-compile"))
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--modes", default=ALL_MODES)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batch-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-modes", default="ours-fp32,ours-bf16,ours-int8")
+    parser.add_argument("--batch-modes", default="ours-fp32,ours-bf16,ours-int8,ours-int4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.new_tokens
