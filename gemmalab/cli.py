@@ -21,13 +21,13 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float, max_new_tokens
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+    _add_runtime(p)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    _add_quantize(p)
-
-
-def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="weight-only quantization (int8: near-lossless; int4: faster, perplexity about 1.4-2x)")
 
@@ -215,11 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=64, help="prompts that may wait; beyond it requests get 429")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start on CPU)")
-    _add_quantize(p)
+    _add_runtime(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tokenize", help="text to token ids")
