@@ -155,3 +155,12 @@ def test_packed_documents_do_not_see_each_other(preset):
         out = model(packed, positions=positions, doc_ids=doc_ids)
         torch.testing.assert_close(out[:, :7], model(a), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[:, 7:], model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_times_the_embedding_are_the_logits():
+    model = _model("tiny-gemma2")  # with the final soft-cap
+    tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model(tokens, return_hidden=True)
+        logits = torch.tanh(hidden @ model.embed.weight.T / 30.0) * 30.0
+        torch.testing.assert_close(logits, model(tokens), rtol=1e-5, atol=1e-5)

@@ -67,9 +67,10 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                num_logits: int | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                num_logits: int | None = None, doc_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         positions, masks, n_real = self.prepare(tokens, positions, attention_mask, cache, doc_ids)
-        logits = self.body(tokens, positions, masks, cache, num_logits)
+        logits = self.body(tokens, positions, masks, cache, num_logits, return_hidden)
         if cache is not None:
             cache.end(n_real)
         return logits
@@ -106,10 +107,11 @@ class Gemma(nn.Module):
         return positions, masks, real.sum(1)
 
     def body(self, tokens: torch.Tensor, positions: torch.Tensor, masks: dict[bool, torch.Tensor],
-             cache: KVCache | None = None, num_logits: int | None = None) -> torch.Tensor:
+             cache: KVCache | None = None, num_logits: int | None = None, return_hidden: bool = False) -> torch.Tensor:
         """The tensor part of forward (what torch.compile sees): embedding, layers, norm, logits.
 
-        masks: for global (False) and sliding (True) layers, bool [B, 1, T, S].
+        masks: for global (False) and sliding (True) layers, bool [B, 1, T, S]. `return_hidden` returns the final
+        normed hidden states [B, T, D] instead of logits (for a chunked loss that never builds [B, T, V]).
         """
         c = self.config
         global_rope = rope_angles(positions, c.head_dim, c.rope_theta, c.rope_scaling)
@@ -123,6 +125,8 @@ class Gemma(nn.Module):
         if num_logits is not None:
             x = x[:, -num_logits:]
         x = self.norm(x)
+        if return_hidden:
+            return x
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if c.final_softcap is not None:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
