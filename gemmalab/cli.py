@@ -182,6 +182,12 @@ def cmd_data_prepare(args) -> None:
         print(f"token shards: {out / 'tokens'} ({meta['num_tokens']:,} tokens, vocabulary {meta['vocab_size']:,})")
 
 
+def cmd_pretrain(args) -> int:
+    from gemmalab.train.trainer import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_tokenizer_train(args) -> None:
     from gemmalab.tokenizer import train_tokenizer
 
@@ -245,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verbose", action="store_true", help="show datatrove's logs")
     d.set_defaults(func=cmd_data_prepare)
 
+    p = sub.add_parser("pretrain", help="pretrain a model (docs/train.md; torchrun for several devices)")
+    p.add_argument("--config", required=True, help="TOML config, e.g. configs/train/tiny.toml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    p.add_argument("--out", help="run directory (default: the config's out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (parameters, memory, tokens) and exit")
+    p.add_argument("--world-size", type=int, help="devices for --dry-run (default: WORLD_SIZE, else 1)")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a SentencePiece tokenizer with Gemma's settings")
@@ -257,16 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` overrides may follow other flags (`pretrain --config F --resume train.steps=9`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except GemmalabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Training: one loop for pretraining, SFT and reward modelling; loss, optimizer, parallelism, metrics."""

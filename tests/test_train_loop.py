@@ -1,0 +1,256 @@
+"""The pretraining loop: loss falls, exact resume after SIGKILL/SIGTERM, checkpoint integrity, NaN steps, dry run.
+
+Everything runs on a tiny model (tiny-gemma, vocab 512) over token shards packed here from generated text,
+so it needs nothing from runs/ and takes seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmalab.errors import GemmalabError
+from gemmalab.train.checkpoint import MARKER, complete_checkpoints, latest_complete
+from gemmalab.train.config import load_config, to_toml
+from gemmalab.train.trainer import dry_run, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_tokenizer, tmp_path_factory) -> Path:
+    """Token shards of 300 generated documents in two sources (prose-like and arithmetic)."""
+    from gemmalab.data.packing import pack
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house", "tree"]
+    root = tmp_path_factory.mktemp("train_data")
+    lines = []
+    for i in range(300):
+        if i % 3:
+            text = " ".join(" ".join(rng.choice(words) for _ in range(6)) + "." for _ in range(rng.randint(2, 6)))
+            source = "web"
+        else:
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            text, source = f"{a} + {b} = {a + b}. {b} + {a} = {a + b}.", "math"
+        lines.append(json.dumps({"id": str(i), "text": text, "metadata": {"source": source}}))
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    pack(root / "docs.jsonl", tiny_tokenizer, root / "tokens", seq_len=32, progress=False)
+    return root / "tokens"
+
+
+def _config_file(tmp: Path, shards: Path, tokenizer_path: Path | None = None, **extra: str) -> Path:
+    """A tiny TOML config; `extra` entries are `section = "toml lines"` appended to those sections."""
+    text = f"""
+[model]
+preset = "tiny-gemma"
+
+[data]
+shards = ["{shards}"]
+batch_size = 4
+seq_len = 32
+seed = 1
+{f'tokenizer = "{tokenizer_path}"' if tokenizer_path else ''}
+
+[optim]
+lr = 0.003
+warmup_steps = 3
+
+[train]
+steps = 12
+log_every = 1
+seed = 3
+{extra.get('train', '')}
+
+[checkpoint]
+every = 3
+keep = 2
+"""
+    path = tmp / "train.toml"
+    path.write_text(text)
+    return path
+
+
+def _losses(run: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (logged steps with a loss)."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec and "skipped" not in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _spawn(config: Path, out: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen([sys.executable, "-m", "gemmalab.train.trainer", "--config", str(config), "--out", str(out),
+                             "train.threads=1", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, path: Path) -> None:
+    """Block until `path` exists (the trainer reached its hang point) or the process ended (a failure)."""
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited with {proc.returncode} before {path.name}:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    output, _ = proc.communicate(timeout=300)
+    return proc.returncode, output
+
+
+def test_loss_falls_and_run_directory(shards, tiny_tokenizer, tmp_path):
+    tok_file = tmp_path / "tok" / "tokenizer.model"
+    tiny_tokenizer.save(tok_file.parent)
+    cfg = load_config(_config_file(tmp_path, shards, tok_file), ["train.steps=40", "checkpoint.every=20"])
+    out = tmp_path / "run"
+    result = train(cfg, out, progress=False)
+    losses = [v for _, v in sorted(_losses(out).items())]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    # The run directory contract.
+    assert result["status"] == "finished" and result["steps"] == 40 and result["tokens"] == 40 * 4 * 32
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["final_loss"] == losses[-1] and "carbon" in saved
+    assert load_config(out / "config.toml").to_dict() == cfg.to_dict()
+    assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [20, 40]
+    rec = _records(out)[-1]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_peak_rss_gb"):
+        assert key in rec
+    from gemmalab.checkpoint.hf import load_hf
+
+    model = load_hf(out / "model")
+    assert (out / "model" / "tokenizer.model").is_file()
+    with torch.no_grad():
+        assert model(torch.tensor([[2, 5, 7]])).shape == (1, 3, 512)
+
+
+def test_sigkill_and_sigterm_resume_bitwise(shards, tmp_path):
+    """Uninterrupted run vs a run SIGKILLed after step 7 (checkpoint 6), resumed, SIGTERMed after step 10, resumed."""
+    config = _config_file(tmp_path, shards)
+    ref = _spawn(config, tmp_path / "ref")
+    code, output = _finish(ref)
+    assert code == 0, output
+    expected = _losses(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 13))
+
+    run = tmp_path / "run"
+    proc = _spawn(config, run, "train.debug_hang_at_step=7")
+    _wait_for(proc, run / "hang-7")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest_complete(run / "checkpoints").name == "step-0000006"
+    assert max(_losses(run)) == 7  # the killed run had logged a step its checkpoint does not have
+
+    proc = _spawn(config, run, "--resume", "train.debug_hang_at_step=10")
+    _wait_for(proc, run / "hang-10")
+    os.kill(proc.pid, signal.SIGTERM)
+    code, output = _finish(proc)
+    assert code == 143, output  # stopped cleanly after writing a checkpoint of step 10
+    assert latest_complete(run / "checkpoints").name == "step-0000010"
+    assert not (run / "result.json").exists()
+
+    code, output = _finish(_spawn(config, run, "--resume"))
+    assert code == 0, output
+    assert _losses(run) == expected  # bitwise: floats compared exactly
+    assert json.loads((run / "result.json").read_text())["final_loss"] == expected[12]
+
+
+def test_incomplete_checkpoint_is_ignored(shards, tmp_path):
+    cfg = load_config(_config_file(tmp_path, shards))
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    expected = _losses(out)
+    ckpts = out / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [9, 12]  # keep = 2
+    # A write cut short: a file of the newest checkpoint missing -> the previous one is used.
+    newest = ckpts / "step-0000012"
+    next(newest.glob("*.distcp")).unlink()
+    assert latest_complete(ckpts).name == "step-0000009"
+    # A directory without the marker and a leftover .tmp directory, both newer: ignored as well.
+    shutil.copytree(ckpts / "step-0000009", ckpts / "step-0000015.tmp")
+    shutil.copytree(ckpts / "step-0000009", ckpts / "step-0000014")
+    (ckpts / "step-0000014" / MARKER).unlink()
+    assert latest_complete(ckpts).name == "step-0000009"
+    # Resuming uses step 9 and reproduces steps 10-12 exactly.
+    result = train(cfg, out, resume=True, progress=False)
+    assert result["steps"] == 12
+    assert _losses(out) == expected
+    with pytest.raises(GemmalabError, match="--resume"):
+        train(cfg, out, progress=False)  # an existing run is not silently overwritten
+
+
+def test_nan_step_is_skipped_and_logged(shards, tmp_path):
+    cfg = load_config(_config_file(tmp_path, shards), ["train.steps=6", "train.debug_nan_steps=[3]", "checkpoint.every=0"])
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result["status"] == "finished" and result["steps"] == 6
+    records = {r["step"]: r for r in _records(tmp_path / "run")}
+    assert records[3]["skipped"] == "non-finite loss"
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 4, 5, 6] and all(v == v and abs(v) < 100 for v in losses.values())
+
+    cfg = load_config(_config_file(tmp_path, shards),
+                      ["train.steps=6", "train.debug_nan_steps=[2,3,4]", "train.max_bad_steps=3", "checkpoint.every=0"])
+    with pytest.raises(GemmalabError, match="3 non-finite steps in a row"):
+        train(cfg, tmp_path / "run2", progress=False)
+    assert [r["step"] for r in _records(tmp_path / "run2") if "skipped" in r] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("name,params", [("gemma-2b", 2_506_172_416), ("gemma-7b", 8_537_680_896)])
+def test_dry_run_full_scale(name, params):
+    cfg = load_config(ROOT / "configs" / "train" / f"{name}.toml")
+    buf = io.StringIO()
+    plan = dry_run(cfg, world_size=8, file=buf)
+    text = buf.getvalue()
+    assert plan["parameters"] == params == plan["parameters_formula"]
+    assert f"{params:,} parameters" in text
+    assert plan["seq_len"] == 8192 and plan["dtype"] == "bf16" and plan["activation_checkpointing"] and plan["fsdp"]
+    assert plan["tokens_per_step"] == cfg.data.batch_size * 8192 * cfg.train.grad_accum * 8
+    assert f"{plan['tokens_per_step']:,} tokens per step" in text
+    assert 0 < plan["memory_per_device_gib"]["total"] < 80  # fits an 80 GB device on 8 ranks
+    one = dry_run(cfg, world_size=1, file=io.StringIO())
+    assert one["memory_per_device_gib"]["weights_grads_optimizer"] == pytest.approx(
+        8 * plan["memory_per_device_gib"]["weights_grads_optimizer"])
+
+
+def test_config_loading(tmp_path):
+    tiny = load_config(ROOT / "configs" / "train" / "tiny.toml")
+    assert tiny.model_config().vocab_size == 8192 and tiny.data.shards == ["runs/data/builtin/tokens"]
+    assert tiny.out_dir == "runs/tiny/pretrain"
+    cfg = load_config(ROOT / "configs" / "train" / "tiny.toml",
+                      ["train.steps=70", "optim.lr=1e-3", "train.dtype=bf16", "model.dim=32", 'data.shards=["a", "b"]'])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.train.dtype, cfg.model_config().dim) == (70, 1e-3, "bf16", 32)
+    assert cfg.data.shards == ["a", "b"]
+    (tmp_path / "resolved.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "resolved.toml").to_dict() == cfg.to_dict()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstpes = 3\n")
+    with pytest.raises(GemmalabError, match=r"bad\.toml.*train\.stpes"):
+        load_config(bad)
+    bad.write_text("[model]\npreset = 'tiny-gemma'\nlayers = 3\n")
+    with pytest.raises(GemmalabError, match=r"bad\.toml.*model\.layers"):
+        load_config(bad)
+    with pytest.raises(GemmalabError, match="train.steps must be int"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(GemmalabError, match="train.dtype"):
+        load_config(None, ["train.dtype=fp16"])
