@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -30,23 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shards(tiny_tokenizer, tmp_path_factory) -> Path:
-    """Token shards of 300 generated documents in two sources (prose-like and arithmetic)."""
+    """Token shards of a slice of the built-in corpus (stdlib prose and code, generated math)."""
+    from gemmalab.data.corpus import write_builtin_corpus
     from gemmalab.data.packing import pack
 
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house", "tree"]
     root = tmp_path_factory.mktemp("train_data")
-    lines = []
-    for i in range(300):
-        if i % 3:
-            text = " ".join(" ".join(rng.choice(words) for _ in range(6)) + "." for _ in range(rng.randint(2, 6)))
-            source = "web"
-        else:
-            a, b = rng.randint(1, 99), rng.randint(1, 99)
-            text, source = f"{a} + {b} = {a + b}. {b} + {a} = {a + b}.", "math"
-        lines.append(json.dumps({"id": str(i), "text": text, "metadata": {"source": source}}))
-    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    pack(root / "docs.jsonl", tiny_tokenizer, root / "tokens", seq_len=32, progress=False)
+    files = write_builtin_corpus(root / "docs", max_files=12, math_problems=300)
+    pack(files, tiny_tokenizer, root / "tokens", seq_len=32, progress=False)
     return root / "tokens"
 
 
