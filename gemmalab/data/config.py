@@ -6,12 +6,10 @@ Unknown keys and wrong types are errors that name the file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemmalab.config import apply_overrides, from_table, read_toml
 from gemmalab.data.decontam import BenchmarkSpec, DecontamConfig
 from gemmalab.data.dedup import DedupConfig
 from gemmalab.data.filters import (
@@ -125,62 +123,9 @@ class DataConfig:
                 raise GemmalabError(f"{where}: inputs[{i}] needs `path` or `builtin = true`")
 
 
-def _convert(tp, value, key: str, where: str, template=None):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if (value is None or value is False) and type(None) in args and bool not in args:
-            return None  # TOML has no null: `rule = false` switches an optional rule off
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, where, template)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise GemmalabError(f"{where}: `{key}` must be a table")
-        return _from_dict(tp, value, key, where, template)
-    if origin is list:
-        if not isinstance(value, list):
-            raise GemmalabError(f"{where}: `{key}` must be a list")
-        return [_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise GemmalabError(f"{where}: `{key}` must be a table")
-        kt, vt = args
-        try:
-            return {kt(k): _convert(vt, v, f"{key}.{k}", where) for k, v in value.items()}
-        except ValueError:
-            raise GemmalabError(f"{where}: keys of `{key}` must be {kt.__name__}") from None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise GemmalabError(f"{where}: `{key}` must be {tp.__name__}, got {value!r}")
-    return value
-
-
-def _from_dict(cls, data: dict, prefix: str, where: str, template=None):
-    """`cls` from a TOML table. A table overrides its field's default value key by key (so
-    `[quality.code]` with one key keeps the other code thresholds, not the prose ones)."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if template is None:
-        try:
-            template = cls()
-        except TypeError:  # required fields (e.g. a benchmark's name and path): no defaults to keep
-            template = None
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if k not in names:
-            raise GemmalabError(f"{where}: unknown key `{key}`; known keys here: {', '.join(sorted(names))}")
-        kwargs[k] = _convert(hints[k], v, key, where, getattr(template, k, None))
-    try:
-        return dataclasses.replace(template, **kwargs) if template is not None else cls(**kwargs)
-    except TypeError as e:
-        raise GemmalabError(f"{where}: `{prefix or 'top level'}`: {e}") from None
-
-
 def config_from_dict(data: dict, where: str = "config") -> DataConfig:
     """A validated DataConfig from a plain dict (TOML's shape)."""
-    cfg = _from_dict(DataConfig, data, "", where)
+    cfg = from_table(DataConfig, data, where, false_is_none=True)
     cfg.validate(where)
     return cfg
 
@@ -188,16 +133,9 @@ def config_from_dict(data: dict, where: str = "config") -> DataConfig:
 def load_data_config(path: str | Path, overrides: dict | None = None) -> DataConfig:
     """Load and validate a data-preparation TOML file; relative input and benchmark paths are
     resolved against the current directory (as the CLI user typed them)."""
-    p = Path(path)
-    if not p.is_file():
-        raise GemmalabError(f"data config not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise GemmalabError(f"{p}: invalid TOML: {e}") from None
-    for k, v in (overrides or {}).items():
-        data[k] = v
-    return config_from_dict(data, str(p))
+    data = read_toml(path, "data config")
+    apply_overrides(data, overrides or {})
+    return config_from_dict(data, str(Path(path)))
 
 
 def config_to_dict(cfg: DataConfig) -> dict:

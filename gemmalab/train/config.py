@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gemmalab.config import apply_overrides, convert, from_table, parse_overrides, read_toml
 from gemmalab.data.mixture import Mixture
 from gemmalab.errors import GemmalabError
 from gemmalab.model.config import ModelConfig, get_preset
@@ -124,47 +123,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     `data.shards=["a","b"]`), and anything that is not valid TOML is taken as a string (`train.dtype=bf16`).
     """
     source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise GemmalabError(f"Config file {p} does not exist.")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise GemmalabError(f"{p}: invalid TOML: {e}.") from None
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
     if overrides:
-        items = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
-        for key, value in items.items():
-            _set_dotted(data, key, value, "command line")
+        apply_overrides(data, overrides, "command line")
         source += " (with command-line overrides)"
     return from_dict(data, source)
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["train.steps=10", "train.dtype=bf16"]` -> `{"train.steps": 10, "train.dtype": "bf16"}`."""
-    out: dict[str, Any] = {}
-    for arg in args:
-        key, sep, raw = arg.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise GemmalabError(f"Override {arg!r} is not of the form key=value (e.g. train.steps=100).")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()  # bare words are strings: train.dtype=bf16
-        out[key] = value
-    return out
-
-
-def _set_dotted(data: dict, key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise GemmalabError(f"{source}: cannot set {key!r}: {part!r} is not a table.")
-    node[parts[-1]] = value
 
 
 def from_dict(data: dict, source: str = "config") -> TrainConfig:
@@ -175,16 +138,16 @@ def from_dict(data: dict, source: str = "config") -> TrainConfig:
             raise GemmalabError(f"{source}: unknown key {key!r}; known top-level keys and sections: {', '.join(sorted(known))}.")
     kwargs: dict[str, Any] = {}
     if "out_dir" in data:
-        kwargs["out_dir"] = _coerce(data["out_dir"], str, source, "out_dir")
+        kwargs["out_dir"] = convert(str, data["out_dir"], "out_dir", source, quote="")
     kwargs["model"] = _model_section(data.get("model", {}), source)
-    kwargs["train"] = _section(TrainSection, data.get("train", {}), source, "train")
+    kwargs["train"] = from_table(TrainSection, data.get("train", {}), source, "train", quote="")
     optim = data.get("optim", {})
     if isinstance(optim, dict) and "total_steps" not in optim:  # the schedule spans the run unless told otherwise
         optim = {**optim, "total_steps": kwargs["train"].steps}
-    kwargs["optim"] = _section(OptimConfig, optim, source, "optim")
+    kwargs["optim"] = from_table(OptimConfig, optim, source, "optim", quote="")
     for name, cls in _SECTIONS.items():
         if name not in kwargs:
-            kwargs[name] = _section(cls, data.get(name, {}), source, name)
+            kwargs[name] = from_table(cls, data.get(name, {}), source, name, quote="")
     cfg = TrainConfig(**kwargs)
     _validate(cfg, source)
     return cfg
@@ -194,98 +157,17 @@ def _model_section(table: Any, source: str) -> ModelSection:
     if not isinstance(table, dict):
         raise GemmalabError(f"{source}: [model] must be a table.")
     table = dict(table)
-    preset = _coerce(table.pop("preset", ModelSection.preset), str, source, "model.preset")
+    preset = convert(str, table.pop("preset", ModelSection.preset), "model.preset", source, quote="")
     hints = typing.get_type_hints(ModelConfig)
     overrides = {}
     for key, value in table.items():
         if key not in hints:
             raise GemmalabError(f"{source}: unknown key 'model.{key}'; [model] takes 'preset' and the ModelConfig "
                                 f"fields {', '.join(sorted(hints))}.")
-        overrides[key] = _coerce(value, hints[key], source, f"model.{key}")
+        overrides[key] = convert(hints[key], value, f"model.{key}", source, quote="")
     section = ModelSection(preset, overrides)
     section.build()  # unknown preset or an invalid shape fails here, at load time
     return section
-
-
-def _section(cls: type, table: Any, source: str, name: str):
-    if not isinstance(table, dict):
-        raise GemmalabError(f"{source}: [{name}] must be a table.")
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # annotations that cannot be resolved: accept values as given
-        hints = {f.name: Any for f in dataclasses.fields(cls)}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in table.items():
-        if key not in fields:
-            raise GemmalabError(f"{source}: unknown key '{name}.{key}'; known keys in [{name}]: {', '.join(sorted(fields))}.")
-        kwargs[key] = _coerce(value, hints.get(key, Any), source, f"{name}.{key}")
-    try:
-        return cls(**kwargs)
-    except GemmalabError as e:
-        raise GemmalabError(f"{source}: [{name}]: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise GemmalabError(f"{source}: [{name}]: {e}.") from None
-
-
-def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
-    """`value` checked against the type `hint` (ints widen to floats, lists become tuples where asked)."""
-    def fail() -> GemmalabError:
-        return GemmalabError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}.")
-
-    if hint is Any:
-        return value
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, source, key)
-            except GemmalabError:
-                continue
-        raise fail()
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise fail()
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise fail()
-            return tuple(_coerce(v, a, source, key) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, source, key) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise fail()
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise fail()
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail()
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail()
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise fail()
-        return value
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise fail()
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _validate(cfg: TrainConfig, source: str) -> None:

@@ -207,6 +207,12 @@ def lm_loss(model: torch.nn.Module, tokens_in: torch.Tensor, targets: torch.Tens
     weight = model.embed.weight
     if hasattr(weight, "full_tensor"):  # a sharded DTensor (FSDP/TP): gather it; gradients flow back sharded
         weight = weight.full_tensor()
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A custom autograd Function is outside autocast: cast as autocast would for F.linear, or the output
+        # projection (the largest matmul of the step) runs in fp32, several times slower.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     return chunked_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size=chunk_size,
         vocab_chunk_size=vocab_chunk_size, softcap=model.config.final_softcap, z_loss=z_loss, reduction=reduction,
