@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (as train.compile does)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -52,6 +53,10 @@ def main() -> None:
 
     ours = Gemma(CONFIG)
     ours.init_weights(seed=0)
+    if args.compile:
+        from gemmalab.train.parallel import parallelize
+
+        parallelize(ours, world_size=1, mixed_precision=False, activation_checkpointing=False, compile=True, device="cpu")
     opt = build_optimizer(ours, OptimConfig(lr=1e-4, total_steps=100))
 
     def our_step():
@@ -85,7 +90,7 @@ def main() -> None:
     result = {"machine": f"{platform.machine()} {args.threads} threads", "torch": torch.__version__,
               "transformers": transformers.__version__, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
               "ours_tok_s": round(n_tokens / t_ours, 1), "transformers_tok_s": round(n_tokens / t_theirs, 1),
-              "ratio": round(t_theirs / t_ours, 2)}
+              "ratio": round(t_theirs / t_ours, 2), "compile": args.compile}
     print(f"{args.dtype}: gemmalab {result['ours_tok_s']} tok/s, transformers {result['transformers_tok_s']} tok/s, "
           f"ratio {result['ratio']}x")
     print(json.dumps(result))
