@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gemmalab.checkpoint.common import build_model
-from gemmalab.checkpoint.hf import hf_name
+from gemmalab.checkpoint.hf import hf_to_ours
 from gemmalab.errors import GemmalabError
 from gemmalab.model import Gemma, ModelConfig
 
@@ -58,12 +58,13 @@ def gemma_pytorch_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -
 
 def _names_by_gp(config: ModelConfig) -> dict[str, str]:
     """gemma_pytorch name -> our name: the HF names with `embedder` and query_norm/key_norm spellings."""
-    with torch.device("meta"):
-        names = [n for n, _ in Gemma(config).named_parameters()]
+    respell = (("model.embed_tokens.", "embedder."), ("self_attn.q_norm", "self_attn.query_norm"),
+               ("self_attn.k_norm", "self_attn.key_norm"))
     gp = {}
-    for n in names:
-        h = hf_name(n, config.family).replace("model.embed_tokens.", "embedder.")
-        gp[h.replace("self_attn.q_norm", "self_attn.query_norm").replace("self_attn.k_norm", "self_attn.key_norm")] = n
+    for hf, ours in hf_to_ours(config).items():
+        for old, new in respell:
+            hf = hf.replace(old, new)
+        gp[hf] = ours
     return gp
 
 

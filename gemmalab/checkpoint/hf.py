@@ -186,7 +186,7 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: s
     directory = Path(directory)
     config = from_hf_config(_read_json(directory / "config.json"), str(directory / "config.json"))
     raw = read_safetensors(_weight_files(directory))
-    names = _our_names(config)
+    names = hf_to_ours(config)
     tensors = {}
     for key, t in raw.items():
         if key == "lm_head.weight":  # tied to the embedding; some exporters write it anyway
@@ -195,7 +195,7 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: s
     return build_model(config, tensors, str(directory), dtype, device)
 
 
-def _our_names(config: ModelConfig) -> dict[str, str]:
+def hf_to_ours(config: ModelConfig) -> dict[str, str]:
     """HF name -> our name for every parameter of a model with this config."""
     with torch.device("meta"):
         model = Gemma(config)

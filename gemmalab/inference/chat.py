@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from gemmalab.errors import GemmalabError
 from gemmalab.inference.engine import Engine, SamplingParams
 
 HELP = "Commands: /reset starts over, /exit (or Ctrl-D) quits. Ctrl-C stops an answer."
@@ -65,7 +64,5 @@ def run_chat(engine: Engine, params: SamplingParams, system: str | None = None, 
     write(f"Chatting with {model_name}. {HELP}\n")
     try:
         chat_loop(engine, params, system, input, write)
-    except GemmalabError:
-        raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session quietly
         write("\n")

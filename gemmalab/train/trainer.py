@@ -39,8 +39,9 @@ from gemmalab.model.config import ModelConfig
 from gemmalab.model.gemma import Gemma
 from gemmalab.train.checkpoint import latest_complete, load_checkpoint, save_checkpoint
 from gemmalab.train.config import TrainConfig, load_config, to_toml
+from gemmalab.train.parallel import DistInfo, parallelize, setup_distributed, teardown
 
-__all__ = ["train", "dry_run", "plan", "main", "add_arguments", "run_from_args"]
+__all__ = ["train", "dry_run", "plan", "main", "run_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +51,17 @@ GiB = 2**30
 # ---- setup --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Dist:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(cfg: TrainConfig) -> _Dist:
+def _setup_distributed(cfg: TrainConfig) -> DistInfo:
     """torchrun: a process group via gemmalab.train.parallel; otherwise one process on train.device."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from gemmalab.train.parallel import setup_distributed
-
-        info = setup_distributed()
-        return _Dist(info.rank, info.world_size, torch.device(info.device))
+        return setup_distributed()
     name = cfg.train.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return _Dist(0, 1, torch.device(name))
+    return DistInfo(0, 1, 0, torch.device(name))
 
 
-def _build_model(mc: ModelConfig, cfg: TrainConfig, d: _Dist) -> tuple[Gemma, bool]:
+def _build_model(mc: ModelConfig, cfg: TrainConfig, d: DistInfo) -> tuple[Gemma, bool]:
     """Seeded fp32 model on the device, parallelized; returns (model, autocast_bf16).
 
     Built on the meta device and materialized directly where it runs (no full CPU copy per rank), then
@@ -88,8 +75,6 @@ def _build_model(mc: ModelConfig, cfg: TrainConfig, d: _Dist) -> tuple[Gemma, bo
     bf16 = t.dtype == "bf16"
     distributed = dist.is_initialized()
     if distributed or t.activation_checkpointing or t.compile:
-        from gemmalab.train.parallel import parallelize
-
         # Under FSDP2, bf16 is its mixed-precision policy (bf16 params in compute, fp32 master and reduce).
         model = parallelize(model, world_size=d.world_size, mixed_precision=bf16 and distributed,
                             activation_checkpointing=t.activation_checkpointing, compile=t.compile, device=d.device)
@@ -97,7 +82,7 @@ def _build_model(mc: ModelConfig, cfg: TrainConfig, d: _Dist) -> tuple[Gemma, bo
     return model, bf16 and not distributed
 
 
-def _loader(cfg: TrainConfig, d: _Dist) -> TokenLoader:
+def _loader(cfg: TrainConfig, d: DistInfo) -> TokenLoader:
     t, data = cfg.train, cfg.data
     total = t.steps * t.grad_accum * data.batch_size * data.seq_len * d.world_size
     return TokenLoader(data.shards, batch_size=data.batch_size, seq_len=data.seq_len, mixture=cfg.mixture(),
@@ -397,7 +382,7 @@ def _jsonable(obj: Any) -> Any:
     return None
 
 
-def _export(model: torch.nn.Module, mc: ModelConfig, tokenizer, directory: Path, d: _Dist) -> None:
+def _export(model: torch.nn.Module, mc: ModelConfig, tokenizer, directory: Path, d: DistInfo) -> None:
     """The trained model as an HF model directory (rank 0 gathers the full fp32 weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -478,17 +463,6 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, file: TextIO | None = None) -
 # ---- command line -------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `gemmalab pretrain` (for cli.py)."""
-    p.add_argument("--config", required=True, help="TOML config (configs/train/tiny.toml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
-    p.add_argument("--out", help="run directory (default: the config's out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (parameters, memory, tokens) and exit")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="devices for --dry-run (default: WORLD_SIZE, else 1)")
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Body of `gemmalab pretrain`: 0 when finished, 143 when stopped by SIGTERM (checkpoint written)."""
     cfg = load_config(args.config, args.overrides)
@@ -501,10 +475,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, args.out, resume=args.resume)
     finally:
-        if dist.is_initialized():
-            from gemmalab.train.parallel import teardown
-
-            teardown()
+        teardown()
     if result["status"] == "interrupted":
         return 143
     if int(os.environ.get("RANK", "0")) == 0:
@@ -513,14 +484,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemmalab.train.trainer", description="pretrain a Gemma model")
-    add_arguments(parser)
-    args = parser.parse_intermixed_args(argv)  # key=value overrides before or after the flags
-    try:
-        return run_from_args(args)
-    except GemmalabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """`python -m gemmalab.train.trainer ...` is `gemmalab pretrain ...` (one parser, in gemmalab.cli)."""
+    from gemmalab.cli import main as cli_main
+
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
