@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench bwrap
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# bubblewrap sandboxes generated code (gemmalab/evaluate/sandbox.py); sudo where we are not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+bwrap:
+	@command -v bwrap >/dev/null || ($(SUDO) apt-get install -y bubblewrap || ($(SUDO) apt-get update && $(SUDO) apt-get install -y bubblewrap))
+
+demo: $(STAMP) bwrap
 	$(BIN)/gemmalab generate --model gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
 
-test: $(STAMP)
+test: $(STAMP) bwrap
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

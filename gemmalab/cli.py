@@ -188,6 +188,28 @@ def cmd_pretrain(args) -> int:
     return run_from_args(args)
 
 
+def cmd_eval(args) -> None:
+    from gemmalab.evaluate import evaluate, load_task
+    from gemmalab.evaluate.sandbox import Limits
+    from gemmalab.inference import Engine
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise GemmalabError("--tasks names no task.")
+    if args.limit is not None and args.limit < 1:
+        raise GemmalabError(f"--limit must be >= 1, got {args.limit}.")
+    tasks = [load_task(n, args.data_dir) for n in names]  # bad task files fail before the model loads
+    _set_threads(args)
+    model, tokenizer = _load(args)
+    engine = Engine(model, _require_tokenizer(tokenizer, args.model), max_batch_size=args.batch_size)
+    result = evaluate(engine, tasks, args.out, model=args.model, limit=args.limit, seed=args.seed,
+                      allow_code_execution=args.allow_code_execution, sandbox_limits=Limits(timeout_s=args.code_timeout))
+    for name in names:
+        r = result["tasks"][Path(name).stem if name.endswith(".toml") else name]
+        print(f"{Path(name).stem:<16} {r['metric']:<12} {r['value']:.4f}  (n={r['n']})")
+    print(f"wrote {Path(args.out) / 'result.json'} and per-sample records in {Path(args.out) / 'samples'}")
+
+
 def cmd_tokenizer_train(args) -> None:
     from gemmalab.tokenizer import train_tokenizer
 
@@ -259,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (parameters, memory, tokens) and exit")
     p.add_argument("--world-size", type=int, help="devices for --dry-run (default: WORLD_SIZE, else 1)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="benchmarks: MMLU, MBPP, HumanEval, GSM8K, multiple choice (docs/evaluate.md)")
+    _add_model(p)
+    p.add_argument("--tasks", required=True, help="comma-separated: mmlu,mbpp,humaneval,gsm8k,arc_easy,... or task .toml files")
+    p.add_argument("--data-dir", type=Path, help="local task files, DIR/TASK/... in the published formats")
+    p.add_argument("--limit", type=int, help="first N samples of each task")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run model-written code (HumanEval, MBPP) in the bubblewrap sandbox")
+    p.add_argument("--code-timeout", type=float, default=3.0, help="seconds per program in the sandbox")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=1234, help="for sampled generations")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="run directory (resumes if it holds this run)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -3,6 +3,7 @@ stop tokens and strings, streaming, per-token log-probabilities, and scoring of 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,6 +93,14 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race): one generator call per row.
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return int((probs / noise).argmax())
+
+
+def _gemv_friendly(rows: int, weight: torch.Tensor):
+    """For one row in bf16/fp16 on CPU, turn oneDNN off: its matrix-vector products run at about half the speed
+    of ATen's own (measured on the 262k x 640 output projection: 41 vs 24 ms). Same arithmetic, fp32 sums."""
+    if rows == 1 and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.backends.mkldnn.flags(enabled=False)
+    return contextlib.nullcontext()
 
 
 class Engine:
@@ -186,7 +195,8 @@ class Engine:
                 active, next_tokens = [active[b] for b in keep], [next_tokens[b] for b in keep]
             step = torch.tensor(next_tokens, device=self.device)[:, None]
             positions, masks, n_real = self.model.prepare(step, cache=cache)
-            logits = self._decode_body(step, positions, masks, cache, 1)[:, -1]
+            with _gemv_friendly(len(active), self.model.embed.weight):
+                logits = self._decode_body(step, positions, masks, cache, 1)[:, -1]
             cache.end(n_real)
 
     def _step_rows(self, active: list[_Row], logits: torch.Tensor, on_token) -> list[int]:
