@@ -90,6 +90,9 @@ def test_scores_equal_a_plain_forward_pass_of_each_pair(engine):
         expected = rows.gather(-1, torch.tensor(cont_ids)[:, None])[:, 0]
         assert torch.equal(torch.tensor(score.token_logprobs), expected)  # exactly the same numbers
         assert score.is_greedy == bool((rows.argmax(-1) == torch.tensor(cont_ids)).all())
+    batched = engine.score(pairs, batch_size=3, exact=False)  # equal lengths stacked: the same up to the last bits
+    for a, b in zip(scores, batched):
+        assert b.logprob == pytest.approx(a.logprob, rel=1e-5, abs=1e-5)
     greedy = engine.generate(["17 99"], SamplingParams(max_new_tokens=3, stop_ids=()))[0].ids
     assert engine.score([("17 99", greedy)])[0].is_greedy
 

@@ -98,15 +98,16 @@ def test_gradcheck_double():
     assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("plain_max_bytes", [0, 2**30])  # chunked, and whole logits
 @pytest.mark.parametrize("preset", ["tiny-gemma", "tiny-gemma2"])
-def test_lm_loss_equals_cross_entropy_on_model_logits(preset):
+def test_lm_loss_equals_cross_entropy_on_model_logits(preset, plain_max_bytes):
     torch.manual_seed(0)
     model = Gemma(get_preset(preset))
     model.init_weights(std=0.1, seed=0)
     tokens = torch.randint(0, model.config.vocab_size, (2, 12))
     tokens_in, targets = tokens[:, :-1], tokens[:, 1:].clone()
     targets[0, :3] = -100
-    out = lm_loss(model, tokens_in, targets, chunk_size=7, vocab_chunk_size=100)
+    out = lm_loss(model, tokens_in, targets, chunk_size=7, vocab_chunk_size=100, plain_max_bytes=plain_max_bytes)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

@@ -87,6 +87,7 @@ class Gemma(nn.Module):
         c = self.config
         B, T = tokens.shape
         real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        given_positions = positions is not None
         if positions is None:
             steps = real.long().cumsum(1) - 1 if attention_mask is not None else torch.arange(T, device=tokens.device).expand(B, T)
             positions = steps.clamp(min=0) + (cache.next_pos[:, None] if cache is not None else 0)
@@ -99,6 +100,10 @@ class Gemma(nn.Module):
         attended = cache.begin(key_pos) if cache is not None else {False: key_pos, True: key_pos}
         window = c.sliding_window if c.sliding_pattern else None
         masks = {kind: _attention_mask(positions, pos, window if kind else None) for kind, pos in attended.items()}
+        if cache is None and attention_mask is None and doc_ids is None and not given_positions:
+            # Plain causal rows (training, one-shot scoring): None selects SDPA's own causal kernel, which skips
+            # the masked half instead of reading a mask; sliding layers keep theirs once rows outgrow the window.
+            masks = {kind: None if not kind or window is None or T <= window else m for kind, m in masks.items()}
         if doc_ids is not None:
             if cache is not None:
                 raise GemmalabError("doc_ids (document masking) is for packed training rows, not for a KV cache.")
@@ -110,7 +115,7 @@ class Gemma(nn.Module):
              cache: KVCache | None = None, num_logits: int | None = None, return_hidden: bool = False) -> torch.Tensor:
         """The tensor part of forward (what torch.compile sees): embedding, layers, norm, logits.
 
-        masks: for global (False) and sliding (True) layers, bool [B, 1, T, S]. `return_hidden` returns the final
+        masks: for global (False) and sliding (True) layers, bool [B, 1, T, S], or None for plain causal. `return_hidden` returns the final
         normed hidden states [B, T, D] instead of logits (for a chunked loss that never builds [B, T, V]).
         """
         c = self.config

@@ -57,7 +57,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 kv_write=None) -> torch.Tensor:
-        """x: [B, T, D]; mask: [B, 1, T, S] bool (True = may attend). `kv_write(k, v)` stores this
+        """x: [B, T, D]; mask: [B, 1, T, S] bool (True = may attend), or None for causal over T = S keys. `kv_write(k, v)` stores this
         step's keys and values in a cache and returns all S of them."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim)
@@ -73,6 +73,11 @@ class Attention(nn.Module):
         # [B, KV, S, hd]. The same arithmetic as repeating K and V G times, without copying the whole cache
         # every step (with SDPA's enable_gqa on CPU that copy made batched decoding 4-5x slower).
         groups = self.n_heads // self.n_kv_heads
+        if mask is None and self.softcap is None:  # plain causal rows: SDPA's causal kernel, no mask to read
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=groups > 1)
+            return self.o(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if mask is None:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()[None, None]
         q = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)
         if groups > 1:
             mask = mask[:, :, None].expand(B, 1, groups, T, mask.shape[-1]).reshape(B, 1, groups * T, -1)

@@ -64,6 +64,7 @@ class TrainSection:
     compile: bool = False  # torch.compile each block
     z_loss: float = 0.0
     chunk_size: int = 4096  # tokens per chunk of the output projection + cross-entropy
+    plain_loss_max_mb: int = 256  # fp32 logits up to this size are built whole (faster); beyond, the chunked loss
     init_std: float = 0.02
     log_every: int = 1
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops

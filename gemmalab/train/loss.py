@@ -196,9 +196,13 @@ def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 def lm_loss(model: torch.nn.Module, tokens_in: torch.Tensor, targets: torch.Tensor,
             positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, *,
             chunk_size: int = 4096, vocab_chunk_size: int = 32_768, z_loss: float = 0.0,
-            reduction: str = "mean") -> LossOutput:
-    """Next-token loss of a Gemma model: tokens_in [B, T] -> hidden [B*T, D] -> chunked CE with the tied
-    embedding and the model's final soft-cap. targets [B, T], -100 where no loss is wanted."""
+            reduction: str = "mean", plain_max_bytes: int = 256 * 2**20) -> LossOutput:
+    """Next-token loss of a Gemma model: tokens_in [B, T] -> hidden [B*T, D] -> CE with the tied embedding and
+    the model's final soft-cap. targets [B, T], -100 where no loss is wanted.
+
+    Where the fp32 logits [B*T, V] take at most `plain_max_bytes`, they are built whole (one output-projection
+    matmul fewer than the chunked loss, which recomputes each tile in backward); beyond it, the chunked loss
+    never builds them. Both give the same loss and gradients (tested)."""
     if getattr(model, "lm_head", None) is not None:
         raise GemmalabError("lm_loss needs the tied output projection; this model has a separate (quantized) lm_head.")
     if tokens_in.shape != targets.shape:
@@ -213,7 +217,8 @@ def lm_loss(model: torch.nn.Module, tokens_in: torch.Tensor, targets: torch.Tens
         # projection (the largest matmul of the step) runs in fp32, several times slower.
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    return chunked_cross_entropy(
+    loss = plain_cross_entropy if hidden[..., 0].numel() * weight.shape[0] * 4 <= plain_max_bytes else chunked_cross_entropy
+    return loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size=chunk_size,
         vocab_chunk_size=vocab_chunk_size, softcap=model.config.final_softcap, z_loss=z_loss, reduction=reduction,
     )

@@ -280,7 +280,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                     with amp:
                         lo = lm_loss(model, b.inputs.to(d.device), b.targets.to(d.device),
                                      positions=b.positions.to(d.device), doc_ids=b.doc_ids.to(d.device),
-                                     chunk_size=t.chunk_size, z_loss=t.z_loss, reduction="sum")
+                                     chunk_size=t.chunk_size, z_loss=t.z_loss, reduction="sum",
+                                     plain_max_bytes=t.plain_loss_max_mb * 2**20)
                     (lo.loss * scale).backward()
                     ce_sum += lo.ce.detach().float()
                     z_sum += lo.z.detach().float()
@@ -426,8 +427,10 @@ def plan(cfg: TrainConfig, world_size: int = 1) -> dict:
         activations = mc.n_layers * B * T * D * act_bytes + per_block
     else:
         activations = mc.n_layers * per_block
-    rows = min(t.chunk_size, B * T)
-    loss_tile = rows * min(32_768, mc.vocab_size) * 4 * 3 + B * T * D * 4  # fp32 tiles + fp32 grad of hidden
+    if B * T * mc.vocab_size * 4 <= t.plain_loss_max_mb * 2**20:  # whole logits (lm_loss's plain path)
+        loss_tile = B * T * mc.vocab_size * 4 * 3 + B * T * D * 4
+    else:  # fp32 tiles of the chunked loss + fp32 grad of hidden
+        loss_tile = min(t.chunk_size, B * T) * min(32_768, mc.vocab_size) * 4 * 3 + B * T * D * 4
     total = state + gathered + activations + loss_tile
     tokens_per_step = B * T * t.grad_accum * world_size
     return {
