@@ -6,7 +6,7 @@ Same config for both (4 layers, d 512, 8 heads / 1 KV head of 64, FFN 2048, voca
 batch 2), same random batches, fp32 weights (bf16: autocast for both). Ours: `lm_loss` over the tied
 embedding (whole logits here: 125 MiB, under its 256 MiB `plain_max_bytes`; `--chunked` forces the chunked
 loss), fused/foreach AdamW from gemmalab.train.optim. Theirs: `model(input_ids, labels=...)` and
-torch.optim.AdamW. tokens/s over --steps steps after 2 warm-up steps, best of the two halves.
+torch.optim.AdamW. tokens/s: best of 3 alternating rounds of --steps steps each, after 2 warm-up steps.
 """
 
 from __future__ import annotations
@@ -28,18 +28,24 @@ CONFIG = ModelConfig(vocab_size=32_000, dim=512, n_layers=4, n_heads=8, n_kv_hea
                      max_seq_len=512)
 
 
-def timed(step, steps: int) -> float:
+def timed_pair(step_a, step_b, steps: int, rounds: int = 3) -> tuple[float, float]:
+    """Seconds per step of each, best over `rounds` alternating rounds of `steps` steps: this machine's speed
+    drifts by 20-30% over minutes, so the two are timed side by side rather than one after the other."""
     for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+        step_a(), step_b()
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, step in enumerate((step_a, step_b)):
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best[i] = min(best[i], (time.perf_counter() - start) / steps)
+    return best[0], best[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -88,7 +94,7 @@ def main() -> None:
         hf_opt.zero_grad(set_to_none=True)
 
     n_tokens = args.batch * args.seq
-    t_ours, t_theirs = timed(our_step, args.steps), timed(their_step, args.steps)
+    t_ours, t_theirs = timed_pair(our_step, their_step, args.steps)
     result = {"machine": f"{platform.machine()} {args.threads} threads", "torch": torch.__version__,
               "transformers": transformers.__version__, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
               "ours_tok_s": round(n_tokens / t_ours, 1), "transformers_tok_s": round(n_tokens / t_theirs, 1),

@@ -188,8 +188,12 @@ def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         valid = targets != IGNORE_INDEX
         n = valid.sum()
         denom = n.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)
-        ce = F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum") / denom
-        z = (torch.logsumexp(logits, -1).square() * valid.to(acc)).sum() / denom
+        logp = F.log_softmax(logits, -1)
+        ce = F.nll_loss(logp, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum") / denom
+        # log Z = logit - log p at any column: read at the target, no second pass over [N, V]
+        safe = targets.long().clamp(min=0)[:, None]
+        lse = (logits.gather(-1, safe) - logp.gather(-1, safe))[:, 0]
+        z = (lse.square() * valid.to(acc)).sum() / denom
     return LossOutput(ce + z_loss * z, ce, z, n)
 
 
