@@ -136,7 +136,9 @@ def test_writes_stay_inside(tmp_path):
         # The working directory is writable, and gone afterwards.
         r = run_python("import os\nopen('out.txt', 'w').write('ok')\nprint(os.getcwd(), os.listdir('.'))")
         assert r.passed and "out.txt" in r.stdout
-        assert run_python("import os\nprint(os.listdir('.'))").stdout.strip() == f"['{sandbox.PROGRAM}']"
+        listing = run_python("import os\nprint(os.listdir('.'))").stdout
+        # (a checkout under /tmp shows up too: its interpreter is mounted back at its own path)
+        assert sandbox.PROGRAM in listing and "out.txt" not in listing
     finally:
         repo_file.unlink(missing_ok=True)
         home_file.unlink(missing_ok=True)
