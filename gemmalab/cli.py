@@ -99,23 +99,14 @@ def _set_threads(args) -> None:
 
 def _tokenize_inputs(args):
     """(line number, text) pairs from --text or a JSONL file of {"text": ...} objects."""
+    from gemmalab.jsonl import read_jsonl
+
     if args.text is not None:
         yield 1, args.text
         return
-    path = Path(args.input)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GemmalabError(f"Cannot read {path}: {e}.") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GemmalabError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise GemmalabError(f'{path}, line {n}: expected an object with a string field "text".')
+    for n, obj in read_jsonl(args.input):
+        if not isinstance(obj.get("text"), str):
+            raise GemmalabError(f'{args.input}, line {n}: expected an object with a string field "text".')
         yield n, obj["text"]
 
 

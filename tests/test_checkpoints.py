@@ -250,3 +250,20 @@ def test_tokenizer_train_cli(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"oops": 1}\n')
     assert main(["tokenizer", "train", "--input", str(tmp_path / "bad.jsonl"), "--vocab-size", "400",
                  "--out", str(tmp_path / "tok2")]) == 2
+
+
+def test_tokenize_cli_reads_jsonl_and_names_bad_lines(tmp_path, tiny_tokenizer, capsys):
+    from gemmalab.cli import main
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    (tmp_path / "in.jsonl").write_text('{"text": "abc 12"}\n\n{"text": "de"}\n')
+    assert main(["tokenize", "--model", str(tmp_path / "tok"), "--input", str(tmp_path / "in.jsonl"), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["ids"] for line in lines] == [tiny_tokenizer.encode("abc 12"), tiny_tokenizer.encode("de")]
+    for body, message in (('{"text": "a"}\n{"text": 3}\n', 'line 2: expected an object with a string field "text"'),
+                          ('{"text": "a"}\n{nope\n', "line 2: not valid JSON")):
+        (tmp_path / "bad.jsonl").write_text(body)
+        assert main(["tokenize", "--model", str(tmp_path / "tok"), "--input", str(tmp_path / "bad.jsonl")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["tokenize", "--model", str(tmp_path / "tok"), "--input", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -4,14 +4,13 @@ name the file and line of any bad input."""
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemmalab.errors import GemmalabError
+from gemmalab.jsonl import read_jsonl  # noqa: F401  (the tasks read their files through it)
 
 
 @dataclass
@@ -58,40 +57,11 @@ class Task:
     info: dict = field(default_factory=dict)  # protocol notes written to result.json (shots, split, source)
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file (.gz too); a bad line is an error naming
-    the file and line, as is an object missing one of `required`."""
-    path = Path(path)
-    if not path.is_file():
-        raise GemmalabError(f"Task file {path} does not exist.")
-    try:
-        with _open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GemmalabError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
-                if not isinstance(obj, dict):
-                    raise GemmalabError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}.")
-                missing = [k for k in required if k not in obj]
-                if missing:
-                    raise GemmalabError(f"{path}, line {n}: missing field(s) {', '.join(missing)}.")
-                yield n, obj
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise GemmalabError(f"Task file {path} cannot be read: {e}.") from None
-
-
 def read_csv_rows(path: str | Path, columns: int) -> Iterator[tuple[int, list[str]]]:
     """(line number, row) for each row of a header-less CSV file with exactly `columns` fields."""
     path = Path(path)
     if not path.is_file():
-        raise GemmalabError(f"Task file {path} does not exist.")
+        raise GemmalabError(f"File {path} does not exist.")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from gemmalab.errors import GemmalabError
-from gemmalab.evaluate.tasks.base import Sample, Task, field_error, read_jsonl
+from gemmalab.evaluate.tasks.base import Sample, Task, read_jsonl
 
 BUILTIN_FILE = Path(__file__).with_name("choice_tasks.toml")
 
