@@ -99,11 +99,11 @@ class Gemma(nn.Module):
         key_pos = positions.masked_fill(~real, -1)
         attended = cache.begin(key_pos) if cache is not None else {False: key_pos, True: key_pos}
         window = c.sliding_window if c.sliding_pattern else None
-        masks = {kind: _attention_mask(positions, pos, window if kind else None) for kind, pos in attended.items()}
-        if cache is None and attention_mask is None and doc_ids is None and not given_positions:
-            # Plain causal rows (training, one-shot scoring): None selects SDPA's own causal kernel, which skips
-            # the masked half instead of reading a mask; sliding layers keep theirs once rows outgrow the window.
-            masks = {kind: None if not kind or window is None or T <= window else m for kind, m in masks.items()}
+        # Plain causal rows (training, one-shot scoring) get None: SDPA's own causal kernel, which skips the masked
+        # half instead of reading a mask; sliding layers keep theirs once rows outgrow the window.
+        plain = cache is None and attention_mask is None and doc_ids is None and not given_positions
+        masks = {kind: None if plain and (not kind or window is None or T <= window)
+                 else _attention_mask(positions, pos, window if kind else None) for kind, pos in attended.items()}
         if doc_ids is not None:
             if cache is not None:
                 raise GemmalabError("doc_ids (document masking) is for packed training rows, not for a KV cache.")
