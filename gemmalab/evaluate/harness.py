@@ -77,14 +77,17 @@ def _load_records(path: Path) -> dict[str, dict]:
     """Records written so far; a last line cut off by a crash is dropped (its sample runs again)."""
     records, good = {}, []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        text = path.read_text(encoding="utf-8")
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break
             records[rec["id"]] = rec
             good.append(line)
-        path.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+        kept = "".join(line + "\n" for line in good)
+        if kept != text:  # rewrite only a file that ends in a cut line, so appending starts on a fresh line
+            path.write_text(kept, encoding="utf-8")
     return records
 
 
