@@ -4,8 +4,8 @@
 
 Same config for both (4 layers, d 512, 8 heads / 1 KV head of 64, FFN 2048, vocabulary 32,000, seq 512,
 batch 2), same random batches, fp32 weights (bf16: autocast for both). Ours: `lm_loss` over the tied
-embedding (whole logits here: 125 MiB, under its 256 MiB `plain_max_bytes`; `--chunked` forces the chunked
-loss), fused/foreach AdamW from gemmalab.train.optim. Theirs: `model(input_ids, labels=...)` and
+embedding (the fused loss; here all 1,024 rows' logits, 125 MiB, fit its 256 MiB chunk; `--chunk-mb 16` splits
+them into chunks of 128 rows), fused/foreach AdamW from gemmalab.train.optim. Theirs: `model(input_ids, labels=...)` and
 torch.optim.AdamW. tokens/s: best of 3 alternating rounds of --steps steps each, after 2 warm-up steps.
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (as train.compile does)")
-    parser.add_argument("--chunked", action="store_true", help="our chunked loss even where the logits fit")
+    parser.add_argument("--chunk-mb", type=int, default=256, help="fp32 logits per loss chunk (train.loss_chunk_mb)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -69,7 +69,7 @@ def main() -> None:
 
     def our_step():
         with amp():
-            loss = lm_loss(ours, inputs, targets, plain_max_bytes=0 if args.chunked else 256 * 2**20).loss
+            loss = lm_loss(ours, inputs, targets, chunk_bytes=args.chunk_mb * 2**20).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt.step()
@@ -98,7 +98,7 @@ def main() -> None:
     result = {"machine": f"{platform.machine()} {args.threads} threads", "torch": torch.__version__,
               "transformers": transformers.__version__, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
               "ours_tok_s": round(n_tokens / t_ours, 1), "transformers_tok_s": round(n_tokens / t_theirs, 1),
-              "ratio": round(t_theirs / t_ours, 2), "compile": args.compile}
+              "ratio": round(t_theirs / t_ours, 2), "compile": args.compile, "chunk_mb": args.chunk_mb}
     print(f"{args.dtype}: gemmalab {result['ours_tok_s']} tok/s, transformers {result['transformers_tok_s']} tok/s, "
           f"ratio {result['ratio']}x")
     print(json.dumps(result))

@@ -28,7 +28,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_variant(variant: str, layers: int, seq: int, batch: int, device: str, chunk_size: int) -> dict:
+def run_variant(variant: str, layers: int, seq: int, batch: int, device: str, chunk_mb: int) -> dict:
     """One forward + backward in this process; returns the memory figures."""
     import torch
 
@@ -54,7 +54,7 @@ def run_variant(variant: str, layers: int, seq: int, batch: int, device: str, ch
         before = _rss_bytes()
     t0 = time.perf_counter()
     if variant == "chunked":
-        out = lm_loss(model, tokens_in, targets, chunk_size=chunk_size)
+        out = lm_loss(model, tokens_in, targets, chunk_bytes=chunk_mb * 2**20)
     else:  # the plain reference: the full [B*T, V] logits in fp32
         hidden = model(tokens_in, return_hidden=True)
         out = plain_cross_entropy(hidden.reshape(-1, config.dim), model.embed.weight, targets.reshape(-1),
@@ -77,25 +77,25 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--chunk-mb", type=int, default=256, help="fp32 logits per loss chunk (train.loss_chunk_mb)")
     ap.add_argument("--variant", choices=["plain", "chunked"], help="internal: run one variant and print JSON")
     args = ap.parse_args()
     if args.variant:
         import torch
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        print(json.dumps(run_variant(args.variant, args.layers, args.seq, args.batch, args.device, args.chunk_size)))
+        print(json.dumps(run_variant(args.variant, args.layers, args.seq, args.batch, args.device, args.chunk_mb)))
         return
     results = {}
     for variant in ("plain", "chunked"):
         cmd = [sys.executable, __file__, "--variant", variant, "--layers", str(args.layers), "--seq", str(args.seq),
-               "--batch", str(args.batch), "--device", args.device, "--chunk-size", str(args.chunk_size)]
+               "--batch", str(args.batch), "--device", args.device, "--chunk-mb", str(args.chunk_mb)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
 
     print(f"gemma-2b shapes, {args.layers} layers, bf16, batch {args.batch} x seq {args.seq}, device {args.device}, "
-          f"torch {torch.__version__}, chunk_size {args.chunk_size}")
+          f"torch {torch.__version__}, loss chunks of {args.chunk_mb} MiB")
     print("| loss | peak GB | step increment GB | loss value | step s |")
     print("|---|---|---|---|---|")
     for r in results.values():

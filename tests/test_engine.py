@@ -1,11 +1,14 @@
 """The inference engine: batching and retiring rows, per-row seeds, stop strings, streaming, logprobs, scoring."""
 
+import copy
+
 import pytest
 import torch
 
 from gemmalab.inference import Engine, SamplingParams
 from gemmalab.inference.stream import TextStream
 from gemmalab.model import Gemma, get_preset
+from gemmalab.model.quant import quantize
 
 
 class IdTokenizer:
@@ -113,8 +116,36 @@ def test_text_stream_holds_back_incomplete_characters_and_stop_prefixes():
     assert "".join(other.push(b) for b in b"ENX") == "ENX"  # not a stop after all: released
 
 
-def test_compiled_decode_step_gives_the_same_tokens(engine):
+def test_compiled_decode_step_gives_the_same_tokens_and_follows_weight_updates(engine):
     params = [SamplingParams(max_new_tokens=n, stop_ids=()) for n in (5, 12)]
     plain = engine.generate(PROMPTS[:2], params)
-    compiled = Engine(engine.model, engine.tokenizer, max_batch_size=2, compile=True).generate(PROMPTS[:2], params)
-    assert [c.ids for c in compiled] == [p.ids for p in plain]
+    compiled_engine = Engine(engine.model, engine.tokenizer, max_batch_size=2, compile=True)
+    assert [c.ids for c in compiled_engine.generate(PROMPTS[:2], params)] == [p.ids for p in plain]
+    # A full-precision model may be trained between generations (RLHF rollouts): its weights must not be frozen
+    # into the compiled step.
+    model = copy.deepcopy(engine.model)
+    compiled_engine = Engine(model, engine.tokenizer, max_batch_size=2, compile=True)
+    compiled_engine.generate(PROMPTS[:2], params)
+    model.init_weights(std=0.05, seed=2)  # in place, as an optimizer step would
+    updated = Engine(model, engine.tokenizer, max_batch_size=2).generate(PROMPTS[:2], params)
+    assert [c.ids for c in updated] != [p.ids for p in plain]
+    assert [c.ids for c in compiled_engine.generate(PROMPTS[:2], params)] == [u.ids for u in updated]
+
+
+def test_compiled_quantized_decode_step_matches_the_eager_one():
+    """Quantized models compile with frozen weights and autotuned CPU kernels (Inductor's own weight-only GEMMs):
+    the same tokens and log-probabilities as the eager int8 kernels, for two models of the same shapes in turn
+    (a compile cache keyed by shapes alone would hand the second one the first one's weights)."""
+    params = [SamplingParams(max_new_tokens=n, stop_ids=(), logprobs=True) for n in (6, 10)]
+    for seed in (1, 3):
+        model = Gemma(get_preset("tiny-gemma2"))
+        model.init_weights(std=0.05, seed=seed)
+        model = quantize(model.to(torch.bfloat16), "int8")
+        eager = Engine(model, IdTokenizer(), max_batch_size=2).generate(PROMPTS[1:3], params)
+        compiled_engine = Engine(model, IdTokenizer(), max_batch_size=2, compile=True)
+        assert compiled_engine._compile_config is not None  # the frozen-weights path is the one under test
+        compiled = compiled_engine.generate(PROMPTS[1:3], params)
+        assert [c.ids for c in compiled] == [e.ids for e in eager]
+        assert len({tuple(e.ids) for e in eager}) == 2 and len(set(eager[1].ids)) > 1  # not one repeated token
+        for c, e in zip(compiled, eager):
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), atol=0.03, rtol=0)

@@ -12,6 +12,7 @@ import torch
 from gemmalab.errors import GemmalabError
 from gemmalab.inference.stream import TextStream
 from gemmalab.model import Gemma, KVCache
+from gemmalab.model.quant import is_quantized
 
 
 @dataclass
@@ -103,12 +104,26 @@ def _gemv_friendly(rows: int, weight: torch.Tensor):
     return contextlib.nullcontext()
 
 
+# A quantized model's weights never change, so its compiled decode step may take them as constants ("freezing");
+# that lets Inductor's max-autotune pick its own CPU weight-only GEMM kernels over torch's int8/int4 ops (measured
+# on 2 AVX512 cores: the int8 262144 x 640 output projection 13.0 -> 5.6 ms; Gemma 3 270M int8 decode 41 -> 78
+# tok/s). Not for full-precision models: their weights may still be trained, and frozen copies would go stale.
+# The FX graph cache stays off here: it keys frozen weights by shape alone and handed a second model of the same
+# shapes the first one's packed weights (torch 2.13, seen in tests/test_engine.py).
+_FROZEN_WEIGHTS_COMPILE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                           "fx_graph_cache": False,
+                           "autotune_num_choices_displayed": 0,
+                           "max_autotune_report_choices_stats": False}
+
+
 class Engine:
     """Generates and scores with one model. `max_batch_size` rows run at once; more prompts queue up.
 
     `compile=True` runs the single-token decode step through torch.compile. The compiled step is specialised
     to its shapes, so the cache size is rounded up to a power of two and finished rows are not retired;
-    each new (batch size, cache size) pair compiles once more.
+    each new (batch size, cache size) pair compiles once more. A quantized model on CPU compiles with its weights
+    frozen and kernels autotuned (slower to compile, about 2x faster int8 decode); frozen weights are copied
+    into the compiled step, so keep such a model unchanged once generation has started.
     """
 
     def __init__(self, model: Gemma, tokenizer, max_batch_size: int = 32, compile: bool = False,
@@ -118,6 +133,8 @@ class Engine:
         self.device = model.embed.weight.device
         self.compiled = compile
         self._decode_body = torch.compile(model.body, dynamic=False) if compile else model.body
+        self._compile_config = (_FROZEN_WEIGHTS_COMPILE if compile and is_quantized(model) and self.device.type == "cpu"
+                                else None)
 
     def _ids(self, prompt) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -195,9 +212,17 @@ class Engine:
                 active, next_tokens = [active[b] for b in keep], [next_tokens[b] for b in keep]
             step = torch.tensor(next_tokens, device=self.device)[:, None]
             positions, masks, n_real = self.model.prepare(step, cache=cache)
-            with _gemv_friendly(len(active), self.model.embed.weight):
+            with _gemv_friendly(len(active), self.model.embed.weight), self._compile_settings():
                 logits = self._decode_body(step, positions, masks, cache, 1)[:, -1]
             cache.end(n_real)
+
+    def _compile_settings(self):
+        """Inductor settings for this engine's compiled step, in force whenever it may (re)compile."""
+        if self._compile_config is None:
+            return contextlib.nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(self._compile_config)
 
     def _step_rows(self, active: list[_Row], logits: torch.Tensor, on_token) -> list[int]:
         """Sample one token per active row and update its state; returns the tokens to feed next."""

@@ -195,6 +195,11 @@ class Int4Linear(nn.Module):
 
 # ---- whole model ----------------------------------------------------------------------------------------------
 
+def is_quantized(model: Gemma) -> bool:
+    """Whether `quantize` has been applied (it installs the quantized output projection as model.lm_head)."""
+    return isinstance(model.lm_head, (Int8Linear, Int4Linear))
+
+
 @torch.no_grad()
 def quantize(model: Gemma, mode: str, group_size: int = 128) -> Gemma:
     """In place: every nn.Linear in the blocks and the output projection become weight-only int8 or int4 modules.
@@ -236,5 +241,5 @@ def quantize(model: Gemma, mode: str, group_size: int = 128) -> Gemma:
     return model
 
 
-__all__ = ["Int4Linear", "Int8Linear", "dequantize_int4", "dequantize_int8", "quantize", "quantize_int4",
-           "quantize_int8"]
+__all__ = ["Int4Linear", "Int8Linear", "dequantize_int4", "dequantize_int8", "is_quantized", "quantize",
+           "quantize_int4", "quantize_int8"]

@@ -63,8 +63,7 @@ class TrainSection:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
     z_loss: float = 0.0
-    chunk_size: int = 4096  # tokens per chunk of the output projection + cross-entropy
-    plain_loss_max_mb: int = 256  # fp32 logits up to this size are built whole (faster); beyond, the chunked loss
+    loss_chunk_mb: int = 256  # the loss builds fp32 logits of at most this size at a time (all rows if they fit)
     init_std: float = 0.02
     log_every: int = 1
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
@@ -175,7 +174,7 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     t, d, c = cfg.train, cfg.data, cfg.checkpoint
     problems = []
     for key, value in (("train.steps", t.steps), ("train.grad_accum", t.grad_accum), ("data.batch_size", d.batch_size),
-                       ("data.seq_len", d.seq_len), ("train.chunk_size", t.chunk_size), ("train.log_every", t.log_every),
+                       ("data.seq_len", d.seq_len), ("train.loss_chunk_mb", t.loss_chunk_mb), ("train.log_every", t.log_every),
                        ("train.max_bad_steps", t.max_bad_steps), ("checkpoint.keep", c.keep)):
         if value < 1:
             problems.append(f"{key} must be >= 1, got {value}")

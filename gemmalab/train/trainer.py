@@ -280,8 +280,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                     with amp:
                         lo = lm_loss(model, b.inputs.to(d.device), b.targets.to(d.device),
                                      positions=b.positions.to(d.device), doc_ids=b.doc_ids.to(d.device),
-                                     chunk_size=t.chunk_size, z_loss=t.z_loss, reduction="sum",
-                                     plain_max_bytes=t.plain_loss_max_mb * 2**20)
+                                     z_loss=t.z_loss, reduction="sum", chunk_bytes=t.loss_chunk_mb * 2**20)
                     (lo.loss * scale).backward()
                     ce_sum += lo.ce.detach().float()
                     z_sum += lo.z.detach().float()
@@ -408,6 +407,8 @@ def plan(cfg: TrainConfig, world_size: int = 1) -> dict:
     sharded over `world_size` by FSDP; bf16 copies of the gathered blocks; activations (with activation
     checkpointing: each block's input, plus one block's working set during recomputation); one loss tile.
     """
+    from gemmalab.train.loss import loss_chunk_rows
+
     if world_size < 1:
         raise GemmalabError(f"world_size must be >= 1, got {world_size}")
     mc = cfg.model_config()
@@ -427,10 +428,10 @@ def plan(cfg: TrainConfig, world_size: int = 1) -> dict:
         activations = mc.n_layers * B * T * D * act_bytes + per_block
     else:
         activations = mc.n_layers * per_block
-    if B * T * mc.vocab_size * 4 <= t.plain_loss_max_mb * 2**20:  # whole logits (lm_loss's plain path)
-        loss_tile = B * T * mc.vocab_size * 4 * 3 + B * T * D * 4
-    else:  # fp32 tiles of the chunked loss + fp32 grad of hidden
-        loss_tile = min(t.chunk_size, B * T) * min(32_768, mc.vocab_size) * 4 * 3 + B * T * D * 4
+    # The loss: a chunk of fp32 logits (and its tanh under soft-capping), the hidden gradient and, with more than
+    # one chunk, an fp32 accumulator for the embedding gradient.
+    rows = min(B * T, loss_chunk_rows(mc.vocab_size, t.loss_chunk_mb * 2**20))
+    loss_tile = rows * mc.vocab_size * 4 * 2 + B * T * D * act_bytes + (mc.vocab_size * D * 4 if rows < B * T else 0)
     total = state + gathered + activations + loss_tile
     tokens_per_step = B * T * t.grad_accum * world_size
     return {
