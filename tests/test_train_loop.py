@@ -134,6 +134,16 @@ def test_loss_falls_and_run_directory(shards, tiny_tokenizer, tmp_path):
         assert model(torch.tensor([[2, 5, 7]])).shape == (1, 3, 512)
 
 
+def test_no_final_checkpoint_or_export_when_turned_off(shards, tmp_path):
+    """checkpoint.at_end / export off (benchmarks): the run trains and logs, and writes neither."""
+    cfg = load_config(_config_file(tmp_path, shards), ["train.steps=4", "checkpoint.every=0", "checkpoint.at_end=false",
+                                                      "checkpoint.export=false"])
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result["status"] == "finished" and len(_losses(tmp_path / "run")) == 4 and "model_dir" not in result
+    assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_sigkill_and_sigterm_resume_bitwise(shards, tmp_path):
     """Uninterrupted run vs a run SIGKILLed after step 7 (checkpoint 6), resumed, SIGTERMed after step 10, resumed."""
     config = _config_file(tmp_path, shards)

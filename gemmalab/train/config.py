@@ -80,6 +80,8 @@ class CheckpointSection:
 
     every: int = 100  # steps; 0: only at the end and on SIGTERM
     keep: int = 2  # newest complete checkpoints kept
+    at_end: bool = True  # also when the run finishes (SIGTERM always writes one); off for benchmarks
+    export: bool = True  # the trained model as a model directory, OUT/model
 
 
 @dataclass

@@ -337,8 +337,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
                         (out / f"hang-{step}").touch()
                     while stop.signal is None:
                         time.sleep(0.05)
-            if last_ckpt != step:  # the end, or a signal: always leave a checkpoint of where we are
-                checkpoint(step)
+            if last_ckpt != step and (cfg.checkpoint.at_end or status == "interrupted"):
+                checkpoint(step)  # the end, or a signal: leave a checkpoint of where we are
     finally:
         bar.close()
         if hook is not None:
@@ -356,8 +356,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
             log.warning("stopped by signal at step %d; checkpoint written; continue with --resume", step)
         return result
     result["carbon"] = carbon(elapsed, dataclasses.replace(cfg.carbon, num_devices=d.world_size))
-    _export(model, mc, tokenizer, out / "model", d)
-    result["model_dir"] = str(out / "model")
+    if cfg.checkpoint.export:
+        _export(model, mc, tokenizer, out / "model", d)
+        result["model_dir"] = str(out / "model")
     if d.is_main:
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
@@ -428,10 +429,10 @@ def plan(cfg: TrainConfig, world_size: int = 1) -> dict:
         activations = mc.n_layers * B * T * D * act_bytes + per_block
     else:
         activations = mc.n_layers * per_block
-    # The loss: a chunk of fp32 logits (and its tanh under soft-capping), the hidden gradient and, with more than
-    # one chunk, an fp32 accumulator for the embedding gradient.
+    # The loss (gradients formed in its forward): two fp32 tiles of logits (probabilities, or the soft-cap's tanh),
+    # the hidden gradient (fp32 while it accumulates over vocabulary blocks) and the embedding gradient.
     rows = min(B * T, loss_chunk_rows(mc.vocab_size, t.loss_chunk_mb * 2**20))
-    loss_tile = rows * mc.vocab_size * 4 * 2 + B * T * D * act_bytes + (mc.vocab_size * D * 4 if rows < B * T else 0)
+    loss_tile = rows * mc.vocab_size * 4 * 2 + B * T * D * 4 + mc.vocab_size * D * act_bytes
     total = state + gathered + activations + loss_tile
     tokens_per_step = B * T * t.grad_accum * world_size
     return {
@@ -483,7 +484,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if result["status"] == "interrupted":
         return 143
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: result[k] for k in ("steps", "tokens", "final_loss", "seconds", "tokens_per_s", "model_dir")}))
+        keys = ("steps", "tokens", "final_loss", "seconds", "tokens_per_s", "mfu", "model_dir")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
 
