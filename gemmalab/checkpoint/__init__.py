@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from gemmalab.checkpoint.gemma_pytorch import load_gemma_pytorch
-from gemmalab.checkpoint.gguf import load_gguf, open_gguf
 from gemmalab.checkpoint.hf import load_hf, save_hf
 from gemmalab.errors import GemmalabError
 from gemmalab.model import Gemma, ModelConfig
@@ -56,6 +55,8 @@ def load_tokenizer(ref: str | Path):
 
     path = resolve(ref)
     if path.suffix == ".gguf":
+        from gemmalab.checkpoint.gguf import open_gguf  # the gguf package only when a GGUF file is read
+
         return Tokenizer.from_gguf(open_gguf(path))
     candidate = path / "tokenizer.model" if path.is_dir() else path.with_name("tokenizer.model")
     return Tokenizer.from_file(candidate) if candidate.is_file() else None
@@ -74,6 +75,8 @@ def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str 
     if path.is_dir():
         return load_hf(path, dtype, device), load_tokenizer(path)
     if path.suffix == ".gguf":
+        from gemmalab.checkpoint.gguf import load_gguf
+
         model, reader = load_gguf(path, dtype, device)
         return model, Tokenizer.from_gguf(reader)
     if path.suffix in (".ckpt", ".pt", ".pth"):
