@@ -211,7 +211,8 @@ def lm_loss(model: torch.nn.Module, tokens_in: torch.Tensor, targets: torch.Tens
     the model's final soft-cap. targets [B, T], -100 where no loss is wanted.
 
     The loss builds fp32 logits for as many rows at a time as fit in `chunk_bytes` (all of them when they fit;
-    at least one row), so memory stays bounded for any vocabulary and batch; see `chunked_cross_entropy`."""
+    at least one row; their softmax takes as much again), so memory stays bounded for any vocabulary and batch;
+    see `chunked_cross_entropy`. Gradients are formed in the forward pass; backpropagate `loss` only."""
     if getattr(model, "lm_head", None) is not None:
         raise GemmalabError("lm_loss needs the tied output projection; this model has a separate (quantized) lm_head.")
     if tokens_in.shape != targets.shape:
