@@ -1,8 +1,10 @@
-"""Reading JSONL input files line by line, with errors that name the file and line at fault."""
+"""Reading text and JSONL input files (plain, .gz or .zst) line by line, with errors that name the file and line at
+fault."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,18 +12,28 @@ from pathlib import Path
 from gemmalab.errors import GemmalabError
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def open_text(path: Path) -> io.TextIOBase:
+    """A UTF-8 text file, gzip- or zstd-decompressed by its suffix; lines end at "\\n" only."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
+    if path.name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise GemmalabError(f"{path} is zstd-compressed: install the `zstandard` package to read it") from None
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
+                                encoding="utf-8", newline="\n")
+    return open(path, encoding="utf-8", newline="\n")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file (.gz too); a bad line is an error naming
+    """(line number, object) for each non-blank line of a JSONL file (.gz and .zst too); a bad line is an error naming
     the file and line, as is an object missing one of `required`."""
     path = Path(path)
     if not path.is_file():
         raise GemmalabError(f"File {path} does not exist.")
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

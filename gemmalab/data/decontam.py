@@ -16,8 +16,6 @@ Benchmarks load from MMLU CSV/JSONL, MBPP, HumanEval, GSM8K JSONL or any JSONL w
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import json
 import re
 import string
@@ -25,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemmalab.errors import GemmalabError
+from gemmalab.jsonl import open_text
 
 FORMATS = ("mmlu", "mbpp", "humaneval", "gsm8k", "jsonl")
 # The text fields each known format contributes (n-grams never span two fields).
@@ -86,13 +85,6 @@ def _word_spans(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _open_text(path: Path):
-    raw = path.open("rb")
-    if path.suffix == ".gz":
-        raw = gzip.open(raw)
-    return io.TextIOWrapper(raw, encoding="utf-8")
-
-
 def _as_text(value, where: str) -> str:
     if isinstance(value, str):
         return value
@@ -131,7 +123,7 @@ def load_benchmark(spec: BenchmarkSpec) -> list[BenchmarkItem]:
         raise GemmalabError(f"benchmark {spec.name!r}: format 'jsonl' needs `fields = [...]` naming the text fields")
     id_field = spec.id_field or _FORMAT_ID.get(spec.format)
     items = []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -155,7 +147,7 @@ def load_benchmark(spec: BenchmarkSpec) -> list[BenchmarkItem]:
 def _load_mmlu_csv(spec: BenchmarkSpec, path: Path) -> list[BenchmarkItem]:
     """MMLU's original CSV: question, A, B, C, D, answer (no header)."""
     items = []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row:
                 continue

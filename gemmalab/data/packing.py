@@ -12,8 +12,6 @@ A document never spans two shards. The source number indexes ``meta["source_name
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
 import os
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gemmalab.errors import GemmalabError
+from gemmalab.jsonl import open_text
 
 __all__ = ["PackMeta", "ShardInfo", "ShardWriter", "pack", "read_meta", "document_files", "iter_documents",
            "FORMAT", "META_FILE"]
@@ -117,19 +116,6 @@ def document_files(documents: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise GemmalabError(f"{path} is zstd-compressed: install the `zstandard` package to read it") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8", newline="\n")
-    return open(path, encoding="utf-8", newline="\n")
-
-
 def iter_documents(path: Path, source_field: str = "source") -> Iterator[tuple[int, str, dict | None, str | None]]:
     """(line number, status, doc, problem) for each line of one Documents JSONL file.
 
@@ -137,7 +123,7 @@ def iter_documents(path: Path, source_field: str = "source") -> Iterator[tuple[i
     (problem says why). A document without ``metadata[source_field]`` gets source "unknown".
     """
     try:
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     yield lineno, "blank", None, None
