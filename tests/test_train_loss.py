@@ -74,12 +74,13 @@ def test_all_targets_ignored_gives_zero_loss_and_grads():
     assert not gh.any() and not gw.any()
 
 
-def test_bf16_close_to_fp32_and_to_plain_bf16():
+@pytest.mark.parametrize("chunk_size", [24, 64])  # vocabulary blocks, and all 64 rows in one chunk
+def test_bf16_close_to_fp32_and_to_plain_bf16(chunk_size):
     hidden, weight, targets = _case(n=64, d=32, v=300, ignore=(1,))
     ref = _run(plain_cross_entropy, hidden, weight, targets, softcap=30.0, z_loss=1e-3)
     hb, wb = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight))
     plain_bf16 = _run(plain_cross_entropy, hb, wb, targets, softcap=30.0, z_loss=1e-3)
-    chunked_bf16 = _run(chunked_cross_entropy, hb, wb, targets, chunk_size=24, softcap=30.0, z_loss=1e-3)
+    chunked_bf16 = _run(chunked_cross_entropy, hb, wb, targets, chunk_size=chunk_size, softcap=30.0, z_loss=1e-3)
     assert chunked_bf16[1].dtype == torch.bfloat16 and chunked_bf16[2].dtype == torch.bfloat16
     _assert_same(chunked_bf16, plain_bf16, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(chunked_bf16[0].loss, ref[0].loss, rtol=2e-2, atol=0)
