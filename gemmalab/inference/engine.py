@@ -133,8 +133,12 @@ class Engine:
         self.device = model.embed.weight.device
         self.compiled = compile
         self._decode_body = torch.compile(model.body, dynamic=False) if compile else model.body
-        self._compile_config = (_FROZEN_WEIGHTS_COMPILE if compile and is_quantized(model) and self.device.type == "cpu"
-                                else None)
+        self._compile_config = None
+        if compile and is_quantized(model) and self.device.type == "cpu":
+            import torch._inductor.config as inductor_config
+
+            # Settings this torch does not know (older releases lack some of the display ones) are left out.
+            self._compile_config = {k: v for k, v in _FROZEN_WEIGHTS_COMPILE.items() if hasattr(inductor_config, k)}
 
     def _ids(self, prompt) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
