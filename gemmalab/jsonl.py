@@ -26,9 +26,10 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="\n")
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (),
+               location: str = "{path}, line {line}") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file (.gz and .zst too); a bad line is an error naming
-    the file and line, as is an object missing one of `required`."""
+    the file and line (as `location` writes them), as is an object missing one of `required`."""
     path = Path(path)
     if not path.is_file():
         raise GemmalabError(f"File {path} does not exist.")
@@ -37,15 +38,16 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = location.format(path=path, line=n)
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise GemmalabError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                    raise GemmalabError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
                 if not isinstance(obj, dict):
-                    raise GemmalabError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}.")
+                    raise GemmalabError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
                 missing = [k for k in required if k not in obj]
                 if missing:
-                    raise GemmalabError(f"{path}, line {n}: missing field(s) {', '.join(missing)}.")
+                    raise GemmalabError(f"{where}: missing field(s) {', '.join(missing)}.")
                 yield n, obj
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise GemmalabError(f"File {path} cannot be read: {e}.") from None

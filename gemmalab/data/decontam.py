@@ -16,14 +16,13 @@ Benchmarks load from MMLU CSV/JSONL, MBPP, HumanEval, GSM8K JSONL or any JSONL w
 from __future__ import annotations
 
 import csv
-import json
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemmalab.errors import GemmalabError
-from gemmalab.jsonl import open_text
+from gemmalab.jsonl import open_text, read_jsonl
 
 FORMATS = ("mmlu", "mbpp", "humaneval", "gsm8k", "jsonl")
 # The text fields each known format contributes (n-grams never span two fields).
@@ -123,24 +122,15 @@ def load_benchmark(spec: BenchmarkSpec) -> list[BenchmarkItem]:
         raise GemmalabError(f"benchmark {spec.name!r}: format 'jsonl' needs `fields = [...]` naming the text fields")
     id_field = spec.id_field or _FORMAT_ID.get(spec.format)
     items = []
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GemmalabError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise GemmalabError(f"{where}: expected a JSON object")
-            texts = []
-            for name in fields:
-                if name not in row:
-                    raise GemmalabError(f"{where}: missing field {name!r} (format {spec.format})")
-                texts.append(_as_text(row[name], f"{where} field {name!r}"))
-            item_id = str(row[id_field]) if id_field and id_field in row else str(lineno)
-            items.append(BenchmarkItem(spec.name, item_id, tuple(texts)))
+    for lineno, row in read_jsonl(path, location="{path}:{line}"):
+        where = f"{path}:{lineno}"
+        texts = []
+        for name in fields:
+            if name not in row:
+                raise GemmalabError(f"{where}: missing field {name!r} (format {spec.format})")
+            texts.append(_as_text(row[name], f"{where} field {name!r}"))
+        item_id = str(row[id_field]) if id_field and id_field in row else str(lineno)
+        items.append(BenchmarkItem(spec.name, item_id, tuple(texts)))
     return items
 
 
