@@ -70,6 +70,7 @@ class TrainSection:
     seed: int = 0  # weight init
     device: str = "auto"  # "auto": CUDA when available, else CPU (ignored under torchrun)
     threads: int = 0  # CPU threads (torch.set_num_threads); 0: torch's default
+    keep_freed_memory: bool = True  # CPU: glibc malloc keeps freed memory (no per-step page faults; gemmalab.host_memory)
     debug_nan_steps: list[int] = field(default_factory=list)  # tests: NaN injected into these steps' activations
     debug_hang_at_step: int = 0  # tests: after this step, write OUT/hang-STEP and wait for a signal
 

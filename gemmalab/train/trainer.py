@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from gemmalab.data.loader import TokenLoader
 from gemmalab.errors import GemmalabError
+from gemmalab.host_memory import keep_freed_memory
 from gemmalab.model.config import ModelConfig
 from gemmalab.model.gemma import Gemma
 from gemmalab.train.checkpoint import latest_complete, load_checkpoint, save_checkpoint
@@ -198,6 +199,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fa
     if t.threads:
         torch.set_num_threads(t.threads)
     d = _setup_distributed(cfg)
+    if t.keep_freed_memory and d.device.type == "cpu":
+        keep_freed_memory()
     mc = cfg.model_config()
     start = latest_complete(ckpt_dir) if resume else None
     if not resume and latest_complete(ckpt_dir) is not None:
