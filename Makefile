@@ -23,7 +23,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo
 bwrap:
 	@command -v bwrap >/dev/null || ($(SUDO) apt-get install -y bubblewrap || ($(SUDO) apt-get update && $(SUDO) apt-get install -y bubblewrap))
 
-demo: $(STAMP) bwrap
+# The tiny recipe so far: the built-in corpus filtered and packed (1 min), a tiny model pretrained on it (1-2 min on
+# 2 cores), text from it; then the real Gemma 3 270M. Each stage runs once (meta.json and result.json are written
+# last); a stopped pretraining resumes.
+DEMO_DATA := runs/data/builtin/tokens/meta.json
+DEMO_MODEL := runs/tiny/pretrain/result.json
+
+$(DEMO_DATA): | $(STAMP)
+	$(BIN)/gemmalab data prepare --config configs/data/builtin.toml
+
+$(DEMO_MODEL): $(DEMO_DATA)
+	$(BIN)/gemmalab pretrain --config configs/train/tiny.toml --resume
+
+demo: $(DEMO_MODEL) bwrap
+	$(BIN)/gemmalab generate --model runs/tiny/pretrain/model --prompt "Solve for x:" --max-new-tokens 48 --temperature 0
 	$(BIN)/gemmalab generate --model gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
 
 test: $(STAMP) bwrap

@@ -204,7 +204,8 @@ def cmd_eval(args) -> None:
 def cmd_tokenizer_train(args) -> None:
     from gemmalab.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.input, args.vocab_size, args.out, input_sentence_size=args.input_sentence_size)
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, input_sentence_size=args.input_sentence_size,
+                          seed=args.seed)
     print(f"wrote {Path(args.out) / 'tokenizer.model'} ({tok.vocab_size} pieces)")
 
 
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input", nargs="+", required=True, help="text or JSONL files (.gz allowed)")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--input-sentence-size", type=int, default=0, help="sample this many lines (0: all)")
+    t.add_argument("--input-sentence-size", type=int, default=0, help="sample this many texts (0: all)")
+    t.add_argument("--seed", type=int, default=0, help="of the sample (the same inputs and seed: the same model)")
     t.set_defaults(func=cmd_tokenizer_train)
     return parser
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from gemmalab.errors import GemmalabError
 
 
-def open_text(path: Path) -> io.TextIOBase:
+def open_text(path: str | Path) -> io.TextIOBase:
     """A UTF-8 text file, gzip- or zstd-decompressed by its suffix; lines end at "\\n" only."""
+    path = Path(path)
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", newline="\n")
     if path.name.endswith(".zst"):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -368,6 +369,20 @@ def _iter_texts(files: Sequence[str | os.PathLike], max_bytes: int) -> Iterator[
             raise TokenizerError(f"cannot read training file {p}: {e}") from None
 
 
+def _sample(texts: Iterator[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of k texts (all of them if there are fewer), in their input order (reservoir sampling)."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for i, text in enumerate(texts):
+        if i < k:
+            reservoir.append((i, text))
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                reservoir[j] = (i, text)
+    return [text for _, text in sorted(reservoir)]
+
+
 def _chunk(text: str, max_bytes: int) -> Iterator[str]:
     if len(text.encode("utf-8")) <= max_bytes:
         if text:
@@ -398,6 +413,8 @@ def train_tokenizer(
     max_sentence_length: int = 16384,
     input_sentence_size: int = 0,
     extra_control_tokens: int = 0,
+    seed: int = 0,
+    threads: int = 8,
 ) -> Tokenizer:
     """Train a new tokenizer with Gemma's settings and save it to `out_dir`.
 
@@ -405,7 +422,11 @@ def train_tokenizer(
     identity normalization), ids pad 0 / eos 1 / bos 2 / unk 3, then control tokens <mask>,
     <start_of_turn>, <end_of_turn> and `extra_control_tokens` <unusedN>. Input files are plain text
     (one text per line) or JSONL with a "text" field (.jsonl / .jsonl.gz); .gz is decompressed.
-    `input_sentence_size` > 0 samples that many texts.
+    `input_sentence_size` > 0 trains on that many texts, sampled uniformly with `seed`.
+
+    The model is a function of the texts, `seed` and `threads` only: SentencePiece's own sampling is not
+    seeded, and its BPE merges depend on its thread count, so the sample is drawn here and the thread count is
+    fixed (not the machine's core count) for the same tokenizer on every machine.
     """
     files = [Path(f) for f in input_files]
     if max_sentence_length < 64:
@@ -421,13 +442,16 @@ def train_tokenizer(
         raise TokenizerError(
             f"vocab_size {vocab_size} is too small: byte fallback and special tokens need at least {minimum}"
         )
-    # Texts are streamed (SentencePiece samples `input_sentence_size` of them itself). An exception in
-    # the iterator reaches us as a RuntimeError, so remember the real one to re-raise it.
+    texts = _iter_texts(files, max_sentence_length)
+    if input_sentence_size > 0:
+        texts = _sample(texts, input_sentence_size, seed)
+    # Texts are streamed into SentencePiece. An exception in the iterator reaches us as a RuntimeError, so
+    # remember the real one to re-raise it.
     seen: dict = {"texts": 0, "error": None}
 
     def feed() -> Iterator[str]:
         try:
-            for text in _iter_texts(files, max_sentence_length):
+            for text in texts:
                 seen["texts"] += 1
                 yield text
         except TokenizerError as e:
@@ -456,9 +480,7 @@ def train_tokenizer(
             pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
             control_symbols=control,
             max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            num_threads=os.cpu_count() or 1,
+            num_threads=threads,
             minloglevel=2,
         )
     except RuntimeError as e:

@@ -443,6 +443,39 @@ def test_train_from_jsonl_gz(tmp_path: Path) -> None:
     assert tok.decode(tok.encode(docs[0], bos=False)) == docs[0]
 
 
+def test_sampled_training_is_reproducible(tmp_path: Path) -> None:
+    """The same texts and seed give the same model bytes (SentencePiece's own sampling is unseeded: two runs of
+    the data pipeline made different tokenizers, hence different token shards); another seed samples others."""
+    (tmp_path / "t.txt").write_text("\n".join(training_lines(3000, seed=7)) + "\n")
+
+    def model_bytes(name: str, seed: int) -> bytes:
+        train_tokenizer([tmp_path / "t.txt"], 400, tmp_path / name, input_sentence_size=300, seed=seed)
+        return (tmp_path / name / "tokenizer.model").read_bytes()
+
+    first = model_bytes("a", seed=0)
+    assert model_bytes("b", seed=0) == first
+    assert model_bytes("c", seed=1) != first
+
+
+def test_training_sample_is_uniform_and_in_input_order() -> None:
+    from gemmalab.tokenizer import _sample
+
+    texts = [f"t{i}" for i in range(1000)]
+    picked = _sample(iter(texts), 100, seed=3)
+    assert len(picked) == 100 and len(set(picked)) == 100
+    assert picked == sorted(picked, key=lambda t: int(t[1:]))  # input order
+    assert _sample(iter(texts), 100, seed=3) == picked and _sample(iter(texts), 100, seed=4) != picked
+    assert _sample(iter(texts[:50]), 100, seed=3) == texts[:50]  # fewer than k: all
+    # uniform: each text is picked with probability k / n = 0.1; over 200 seeds, the first and last hundred
+    # texts are picked about equally often
+    counts = [0] * 1000
+    for seed in range(200):
+        for t in _sample(iter(texts), 100, seed=seed):
+            counts[int(t[1:])] += 1
+    first, last = sum(counts[:100]), sum(counts[-100:])
+    assert abs(first - 2000) < 250 and abs(last - 2000) < 250
+
+
 @settings(deadline=None, max_examples=100, derandomize=True)
 @given(st.lists(st.sampled_from(["a", "é", "😀", "\n", "\r\n", " ", "b" * 70]), max_size=200).map("".join))
 def test_long_training_texts_are_cut_at_line_boundaries(text: str) -> None:

@@ -67,7 +67,7 @@ class PackConfig:
     enabled: bool = True
     seq_len: int = 8192  # recorded in meta.json as the loader's default
     vocab_size: int = 8192
-    train_sentences: int = 300_000  # lines SentencePiece samples when training the tokenizer
+    train_sentences: int = 300_000  # texts sampled (seeded) to train the tokenizer on
     shard_tokens: int = 2**27
 
 
