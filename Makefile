@@ -36,7 +36,8 @@ $(DEMO_MODEL): $(DEMO_DATA)
 	$(BIN)/gemmalab pretrain --config configs/train/tiny.toml --resume
 
 demo: $(DEMO_MODEL) bwrap
-	$(BIN)/gemmalab generate --model runs/tiny/pretrain/model --prompt "Solve for x:" --max-new-tokens 48 --temperature 0
+	$(BIN)/gemmalab generate --model runs/tiny/pretrain/model --max-new-tokens 40 --temperature 0 \
+		--prompt "Find the greatest common divisor of 84 and 36 using the Euclidean algorithm."
 	$(BIN)/gemmalab generate --model gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
 
 test: $(STAMP) bwrap
