@@ -44,7 +44,7 @@ def write_random_shards(folder: Path, vocab_size: int, tokens: int, seq_len: int
 
 
 def config_text(preset: str, shards: Path, seq: int, batch: int, steps: int, compile: bool, checkpointing: bool,
-                device: str) -> str:
+                device: str, loss_chunk_mb: int = 256) -> str:
     return f"""
 [model]
 preset = "{preset}"
@@ -63,6 +63,7 @@ steps = {steps}
 dtype = "bf16"
 compile = {str(compile).lower()}
 activation_checkpointing = {str(checkpointing).lower()}
+loss_chunk_mb = {loss_chunk_mb}
 log_every = 1
 device = "{device}"
 
@@ -74,14 +75,15 @@ export = false
 
 
 def measure(preset: str, seq: int, batch: int, steps: int, warmup: int, compile: bool = True,
-            checkpointing: bool = False, device: str = "auto", workdir: Path | None = None) -> dict:
+            checkpointing: bool = False, device: str = "auto", workdir: Path | None = None,
+            loss_chunk_mb: int = 256) -> dict:
     """Run the trainer under torchrun (one process) and return its figures (medians over steps after `warmup`)."""
     config = get_preset(preset)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         write_random_shards(tmp / "shards", config.vocab_size, (steps + 1) * batch * (seq + 1) * 2, seq)
         (tmp / "train.toml").write_text(config_text(preset, tmp / "shards", seq, batch, steps, compile, checkpointing,
-                                                    device), encoding="utf-8")
+                                                    device, loss_chunk_mb), encoding="utf-8")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                "-m", "gemmalab", "pretrain", "--config", str(tmp / "train.toml"), "--out", str(tmp / "run")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -95,7 +97,7 @@ def measure(preset: str, seq: int, batch: int, steps: int, warmup: int, compile:
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return {
         "preset": preset, "seq_len": seq, "batch_size": batch, "compile": compile,
-        "activation_checkpointing": checkpointing, "device": result["device"], "world_size": result["world_size"],
+        "activation_checkpointing": checkpointing, "loss_chunk_mb": loss_chunk_mb, "device": result["device"], "world_size": result["world_size"],
         "steps_timed": len(timed), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "mfu": statistics.median(mfus) if mfus else None,
         "step_time_s": statistics.median(r["step_time_s"] for r in timed),
@@ -114,9 +116,12 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--loss-chunk-mb", type=int, default=256,
+                        help="train.loss_chunk_mb: fp32 logits per loss chunk; when all rows fit (4096 for gemma-2b at "
+                             "2 x 2048), the loss takes 3 output-projection matmuls instead of 4")
     args = parser.parse_args()
     r = measure(args.preset, args.seq, args.batch, args.steps, args.warmup, compile=not args.no_compile,
-                checkpointing=args.activation_checkpointing, device=args.device)
+                checkpointing=args.activation_checkpointing, device=args.device, loss_chunk_mb=args.loss_chunk_mb)
     import torch
 
     if torch.cuda.is_available():

@@ -31,3 +31,14 @@ def test_random_shards_hold_the_requested_tokens(tmp_path):
     _bench().write_random_shards(tmp_path / "s", vocab_size=100, tokens=1000, seq_len=16)
     meta = read_meta(tmp_path / "s")
     assert meta.num_tokens >= 1000 and meta.vocab_size == 100 and meta.source_names == ["random"]
+
+
+def test_config_text_is_a_valid_train_config(tmp_path):
+    from gemmalab.train.config import load_config
+
+    path = tmp_path / "t.toml"
+    path.write_text(_bench().config_text("gemma-2b", tmp_path / "s", seq=2048, batch=2, steps=12, compile=True,
+                                         checkpointing=False, device="cuda", loss_chunk_mb=4096))
+    cfg = load_config(path)
+    assert (cfg.train.loss_chunk_mb, cfg.train.compile, cfg.train.dtype, cfg.data.seq_len) == (4096, True, "bf16", 2048)
+    assert not cfg.checkpoint.at_end and not cfg.checkpoint.export
