@@ -37,18 +37,20 @@ CONFIG = ModelConfig(vocab_size=32_000, dim=512, n_layers=4, n_heads=8, n_kv_hea
                      max_seq_len=512)
 
 
-def timed_pair(step_a, step_b, steps: int, rounds: int = 3) -> tuple[float, float]:
-    """Seconds per step of each, best over `rounds` alternating rounds of `steps` steps: this machine's speed
-    drifts by 20-30% over minutes, so the two are timed side by side rather than one after the other."""
-    for _ in range(2):
-        step_a(), step_b()
+def seconds_per_step(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def best_alternating(measure_a, measure_b, rounds: int = 3) -> tuple[float, float]:
+    """The smallest of `rounds` alternating calls of each measurement: this machine's speed drifts by 20-30% (at
+    times 3x) over minutes, so the two are timed side by side rather than one after the other."""
     best = [float("inf"), float("inf")]
     for _ in range(rounds):
-        for i, step in enumerate((step_a, step_b)):
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            best[i] = min(best[i], (time.perf_counter() - start) / steps)
+        for i, measure in enumerate((measure_a, measure_b)):
+            best[i] = min(best[i], measure())
     return best[0], best[1]
 
 
@@ -100,7 +102,8 @@ def build_step(which: str, args: argparse.Namespace):
 
 
 def worker_seconds(which: str, args: argparse.Namespace) -> float:
-    """Seconds per step of `which` in a fresh process of its own (ours with the trainer's host-memory setting)."""
+    """Seconds per step of `which` in a fresh process of its own (ours with the trainer's host-memory setting), after
+    2 warm-up steps."""
     cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps), "--batch", str(args.batch),
            "--seq", str(args.seq), "--dtype", args.dtype, "--threads", str(args.threads), "--chunk-mb", str(args.chunk_mb)]
     if args.compile:
@@ -131,22 +134,19 @@ def main() -> None:
         step = build_step(args.worker, args)
         for _ in range(2):
             step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        print((time.perf_counter() - start) / args.steps)
+        print(seconds_per_step(step, args.steps))
         return
     if args.own_process:
-        best = [float("inf"), float("inf")]
-        for _ in range(3):  # alternating, as timed_pair does, against the machine's drift
-            for i, which in enumerate(("ours", "theirs")):
-                best[i] = min(best[i], worker_seconds(which, args))
-        t_ours, t_theirs = best
+        t_ours, t_theirs = best_alternating(lambda: worker_seconds("ours", args), lambda: worker_seconds("theirs", args))
         allocator = "ours keep, theirs default (own processes)"
     else:
         if args.allocator == "keep":
             keep_freed_memory()
-        t_ours, t_theirs = timed_pair(build_step("ours", args), build_step("theirs", args), args.steps)
+        ours, theirs = build_step("ours", args), build_step("theirs", args)
+        for _ in range(2):
+            ours(), theirs()
+        t_ours, t_theirs = best_alternating(lambda: seconds_per_step(ours, args.steps),
+                                            lambda: seconds_per_step(theirs, args.steps))
         allocator = args.allocator
 
     import transformers
