@@ -23,7 +23,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo
 bwrap:
 	@command -v bwrap >/dev/null || ($(SUDO) apt-get install -y bubblewrap || ($(SUDO) apt-get update && $(SUDO) apt-get install -y bubblewrap))
 
-# The tiny recipe so far: the built-in corpus filtered and packed (1 min), a tiny model pretrained on it (1-2 min on
+# The tiny recipe so far: the built-in corpus filtered and packed (1 min), a tiny model pretrained on it (2-3 min on
 # 2 cores), text from it; then the real Gemma 3 270M. Each stage runs once (meta.json and result.json are written
 # last); a stopped pretraining resumes.
 DEMO_DATA := runs/data/builtin/tokens/meta.json
