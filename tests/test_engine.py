@@ -149,3 +149,19 @@ def test_compiled_quantized_decode_step_matches_the_eager_one():
         assert len({tuple(e.ids) for e in eager}) == 2 and len(set(eager[1].ids)) > 1  # not one repeated token
         for c, e in zip(compiled, eager):
             torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), atol=0.03, rtol=0)
+
+
+def test_the_engine_leaves_a_training_model_in_training_mode():
+    """Generating or scoring with a model being trained (RL rollouts, held-out checks) runs it in eval mode and gives
+    every module back its own mode, including one the caller had set apart."""
+    model = Gemma(get_preset("tiny-gemma")).train()
+    model.init_weights(std=0.3, seed=0)
+    model.layers[0].eval()  # a frozen block, say
+    seen = []
+    model.layers[1].register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    engine = Engine(model, IdTokenizer(), max_batch_size=2)
+    assert model.training  # creating an engine changes nothing
+    engine.generate(["5 6 7"], SamplingParams(max_new_tokens=2, stop_ids=()))
+    engine.score([("5 6", "7")])
+    assert seen and not any(seen)  # in eval mode while it ran
+    assert model.training and model.layers[1].training and not model.layers[0].training

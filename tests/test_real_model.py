@@ -1,8 +1,6 @@
 """The real Gemma 3 270M against transformers loading the same GGUF file in fp32."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -55,27 +53,26 @@ def test_greedy_continuations_match_transformers(real_model, hf_gguf_model):
     assert outs[0].text.startswith(" the capital of the country of France")
 
 
-def test_cli_generate_json(gguf_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "gemmalab", "generate", "--model", str(gguf_path), "--prompt", "The capital of France is",
-         "--max-new-tokens", "8", "--json"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
+def test_cli_generate_json(gguf_path, capsys):
+    from gemmalab.cli import main  # in this process (test_chat runs the entry point in a process of its own)
+
+    assert main(["generate", "--model", str(gguf_path), "--prompt", "The capital of France is", "--max-new-tokens",
+                 "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["prompt_ids"] == [2, 818, 5279, 529, 7001, 563]
     assert len(out["ids"]) == 8 and out["text"].startswith(" the capital")
 
 
-def test_cli_tokenize_jsonl(tmp_path, gguf_path):
+def test_cli_tokenize_jsonl(tmp_path, gguf_path, capsys):
+    from gemmalab.cli import main
+
     (tmp_path / "in.jsonl").write_text('{"text": "Hello"}\n{"text": "<start_of_turn>user"}\n')
-    run = subprocess.run([sys.executable, "-m", "gemmalab", "tokenize", "--model", str(gguf_path), "--input",
-                          str(tmp_path / "in.jsonl"), "--json"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert main(["tokenize", "--model", str(gguf_path), "--input", str(tmp_path / "in.jsonl"), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and lines[1]["ids"][:2] == [2, 105]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
-    run = subprocess.run([sys.executable, "-m", "gemmalab", "tokenize", "--model", str(gguf_path), "--input",
-                          str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "bad.jsonl, line 2" in run.stderr
+    assert main(["tokenize", "--model", str(gguf_path), "--input", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl, line 2" in capsys.readouterr().err
 
 
 def test_converted_model_directory_loads_in_transformers(real_model, gguf_path, tmp_path):
@@ -95,10 +92,9 @@ def test_converted_model_directory_loads_in_transformers(real_model, gguf_path, 
     assert diff <= 1e-4
 
 
-def test_cli_generate_quantized(gguf_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "gemmalab", "generate", "--model", str(gguf_path), "--prompt", "The capital of France is",
-         "--max-new-tokens", "6", "--quantize", "int8", "--dtype", "bfloat16", "--json"],
-        capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["text"].startswith(" the capital of the country")
+def test_cli_generate_quantized(gguf_path, capsys):
+    from gemmalab.cli import main
+
+    assert main(["generate", "--model", str(gguf_path), "--prompt", "The capital of France is", "--max-new-tokens",
+                 "6", "--quantize", "int8", "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"].startswith(" the capital of the country")

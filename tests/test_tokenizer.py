@@ -558,7 +558,7 @@ def test_training_errors(tmp_path: Path) -> None:
         train_tokenizer([empty], 400, tmp_path / "out")
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"txt": 1}\n')
-    with pytest.raises(TokenizerError, match="bad.jsonl:1"):
+    with pytest.raises(TokenizerError, match="bad.jsonl, line 1"):
         train_tokenizer([bad_jsonl], 400, tmp_path / "out")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00garbage")

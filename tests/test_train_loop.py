@@ -1,4 +1,5 @@
-"""The pretraining loop: loss falls, exact resume after SIGKILL/SIGTERM, checkpoint integrity, NaN steps, dry run.
+"""Pretraining on the shared loop: loss falls, checkpoint integrity and resume, NaN steps, dry run. (SIGKILL and
+SIGTERM with exact resume: tests/test_pretrain_recorded.py.)
 
 Everything runs on a tiny model (tiny-gemma, vocab 512) over token shards packed here from generated text,
 so it needs nothing from runs/ and takes seconds on 2 CPU cores.
@@ -8,21 +9,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from gemmalab.config import load, to_toml
 from gemmalab.errors import GemmalabError
 from gemmalab.train.checkpoint import MARKER, complete_checkpoints, latest_complete
-from gemmalab.train.config import load_config, to_toml
-from gemmalab.train.trainer import dry_run, train
+from gemmalab.train.pretrain import PretrainConfig, dry_run, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,34 +81,12 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _spawn(config: Path, out: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return subprocess.Popen([sys.executable, "-m", "gemmalab.train.trainer", "--config", str(config), "--out", str(out),
-                             "train.threads=1", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(proc: subprocess.Popen, path: Path) -> None:
-    """Block until `path` exists (the trainer reached its hang point) or the process ended (a failure)."""
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited with {proc.returncode} before {path.name}:\n{proc.stdout.read()}")
-        time.sleep(0.05)
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    output, _ = proc.communicate(timeout=300)
-    return proc.returncode, output
-
-
 def test_loss_falls_and_run_directory(shards, tiny_tokenizer, tmp_path):
     tok_file = tmp_path / "tok" / "tokenizer.model"
     tiny_tokenizer.save(tok_file.parent)
-    cfg = load_config(_config_file(tmp_path, shards, tok_file), ["train.steps=40", "checkpoint.every=20"])
+    cfg = load(PretrainConfig, _config_file(tmp_path, shards, tok_file), ["train.steps=40", "checkpoint.every=20"])
     out = tmp_path / "run"
-    result = train(cfg, out, progress=False)
+    result = pretrain(cfg, out, progress=False)
     losses = [v for _, v in sorted(_losses(out).items())]
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -121,7 +95,7 @@ def test_loss_falls_and_run_directory(shards, tiny_tokenizer, tmp_path):
     assert result["status"] == "finished" and result["steps"] == 40 and result["tokens"] == 40 * 4 * 32
     saved = json.loads((out / "result.json").read_text())
     assert saved["final_loss"] == losses[-1] and "carbon" in saved
-    assert load_config(out / "config.toml").to_dict() == cfg.to_dict()
+    assert load(PretrainConfig, out / "config.toml") == cfg
     assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [20, 40]
     rec = _records(out)[-1]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_peak_rss_gb"):
@@ -136,49 +110,18 @@ def test_loss_falls_and_run_directory(shards, tiny_tokenizer, tmp_path):
 
 def test_no_final_checkpoint_or_export_when_turned_off(shards, tmp_path):
     """checkpoint.at_end / export off (benchmarks): the run trains and logs, and writes neither."""
-    cfg = load_config(_config_file(tmp_path, shards), ["train.steps=4", "checkpoint.every=0", "checkpoint.at_end=false",
+    cfg = load(PretrainConfig, _config_file(tmp_path, shards), ["train.steps=4", "checkpoint.every=0", "checkpoint.at_end=false",
                                                       "checkpoint.export=false"])
-    result = train(cfg, tmp_path / "run", progress=False)
+    result = pretrain(cfg, tmp_path / "run", progress=False)
     assert result["status"] == "finished" and len(_losses(tmp_path / "run")) == 4 and "model_dir" not in result
     assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
     assert not (tmp_path / "run" / "model").exists()
 
 
-def test_sigkill_and_sigterm_resume_bitwise(shards, tmp_path):
-    """Uninterrupted run vs a run SIGKILLed after step 7 (checkpoint 6), resumed, SIGTERMed after step 10, resumed."""
-    config = _config_file(tmp_path, shards)
-    ref = _spawn(config, tmp_path / "ref")
-    code, output = _finish(ref)
-    assert code == 0, output
-    expected = _losses(tmp_path / "ref")
-    assert sorted(expected) == list(range(1, 13))
-
-    run = tmp_path / "run"
-    proc = _spawn(config, run, "train.debug_hang_at_step=7")
-    _wait_for(proc, run / "hang-7")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest_complete(run / "checkpoints").name == "step-0000006"
-    assert max(_losses(run)) == 7  # the killed run had logged a step its checkpoint does not have
-
-    proc = _spawn(config, run, "--resume", "train.debug_hang_at_step=10")
-    _wait_for(proc, run / "hang-10")
-    os.kill(proc.pid, signal.SIGTERM)
-    code, output = _finish(proc)
-    assert code == 143, output  # stopped cleanly after writing a checkpoint of step 10
-    assert latest_complete(run / "checkpoints").name == "step-0000010"
-    assert not (run / "result.json").exists()
-
-    code, output = _finish(_spawn(config, run, "--resume"))
-    assert code == 0, output
-    assert _losses(run) == expected  # bitwise: floats compared exactly
-    assert json.loads((run / "result.json").read_text())["final_loss"] == expected[12]
-
-
 def test_incomplete_checkpoint_is_ignored(shards, tmp_path):
-    cfg = load_config(_config_file(tmp_path, shards))
+    cfg = load(PretrainConfig, _config_file(tmp_path, shards))
     out = tmp_path / "run"
-    train(cfg, out, progress=False)
+    pretrain(cfg, out, progress=False)
     expected = _losses(out)
     ckpts = out / "checkpoints"
     assert [s for s, _ in complete_checkpoints(ckpts)] == [9, 12]  # keep = 2
@@ -192,32 +135,32 @@ def test_incomplete_checkpoint_is_ignored(shards, tmp_path):
     (ckpts / "step-0000014" / MARKER).unlink()
     assert latest_complete(ckpts).name == "step-0000009"
     # Resuming uses step 9 and reproduces steps 10-12 exactly.
-    result = train(cfg, out, resume=True, progress=False)
+    result = pretrain(cfg, out, resume=True, progress=False)
     assert result["steps"] == 12
     assert _losses(out) == expected
     with pytest.raises(GemmalabError, match="--resume"):
-        train(cfg, out, progress=False)  # an existing run is not silently overwritten
+        pretrain(cfg, out, progress=False)  # an existing run is not silently overwritten
 
 
 def test_nan_step_is_skipped_and_logged(shards, tmp_path):
-    cfg = load_config(_config_file(tmp_path, shards), ["train.steps=6", "train.debug_nan_steps=[3]", "checkpoint.every=0"])
-    result = train(cfg, tmp_path / "run", progress=False)
+    cfg = load(PretrainConfig, _config_file(tmp_path, shards), ["train.steps=6", "debug.nan_steps=[3]", "checkpoint.every=0"])
+    result = pretrain(cfg, tmp_path / "run", progress=False)
     assert result["status"] == "finished" and result["steps"] == 6
     records = {r["step"]: r for r in _records(tmp_path / "run")}
     assert records[3]["skipped"] == "non-finite loss"
     losses = _losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 4, 5, 6] and all(v == v and abs(v) < 100 for v in losses.values())
 
-    cfg = load_config(_config_file(tmp_path, shards),
-                      ["train.steps=6", "train.debug_nan_steps=[2,3,4]", "train.max_bad_steps=3", "checkpoint.every=0"])
+    cfg = load(PretrainConfig, _config_file(tmp_path, shards),
+                      ["train.steps=6", "debug.nan_steps=[2,3,4]", "train.max_bad_steps=3", "checkpoint.every=0"])
     with pytest.raises(GemmalabError, match="3 non-finite steps in a row"):
-        train(cfg, tmp_path / "run2", progress=False)
+        pretrain(cfg, tmp_path / "run2", progress=False)
     assert [r["step"] for r in _records(tmp_path / "run2") if "skipped" in r] == [2, 3, 4]
 
 
 @pytest.mark.parametrize("name,params", [("gemma-2b", 2_506_172_416), ("gemma-7b", 8_537_680_896)])
 def test_dry_run_full_scale(name, params):
-    cfg = load_config(ROOT / "configs" / "train" / f"{name}.toml")
+    cfg = load(PretrainConfig, ROOT / "configs" / "train" / f"{name}.toml")
     buf = io.StringIO()
     plan = dry_run(cfg, world_size=8, file=buf)
     text = buf.getvalue()
@@ -233,23 +176,23 @@ def test_dry_run_full_scale(name, params):
 
 
 def test_config_loading(tmp_path):
-    tiny = load_config(ROOT / "configs" / "train" / "tiny.toml")
-    assert tiny.model_config().vocab_size == 8192 and tiny.data.shards == ["runs/data/builtin/tokens"]
+    tiny = load(PretrainConfig, ROOT / "configs" / "train" / "tiny.toml")
+    assert tiny.model.config.vocab_size == 8192 and tiny.data.shards == ["runs/data/builtin/tokens"]
     assert tiny.out_dir == "runs/tiny/pretrain"
-    cfg = load_config(ROOT / "configs" / "train" / "tiny.toml",
+    cfg = load(PretrainConfig, ROOT / "configs" / "train" / "tiny.toml",
                       ["train.steps=70", "optim.lr=1e-3", "train.dtype=bf16", "model.dim=32", 'data.shards=["a", "b"]'])
-    assert (cfg.train.steps, cfg.optim.lr, cfg.train.dtype, cfg.model_config().dim) == (70, 1e-3, "bf16", 32)
+    assert (cfg.train.steps, cfg.optim.lr, cfg.train.dtype, cfg.model.config.dim) == (70, 1e-3, torch.bfloat16, 32)
     assert cfg.data.shards == ["a", "b"]
     (tmp_path / "resolved.toml").write_text(to_toml(cfg))
-    assert load_config(tmp_path / "resolved.toml").to_dict() == cfg.to_dict()
+    assert load(PretrainConfig, tmp_path / "resolved.toml") == cfg
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nstpes = 3\n")
     with pytest.raises(GemmalabError, match=r"bad\.toml.*train\.stpes"):
-        load_config(bad)
+        load(PretrainConfig, bad)
     bad.write_text("[model]\npreset = 'tiny-gemma'\nlayers = 3\n")
     with pytest.raises(GemmalabError, match=r"bad\.toml.*model\.layers"):
-        load_config(bad)
-    with pytest.raises(GemmalabError, match="train.steps must be int"):
-        load_config(None, ["train.steps=ten"])
+        load(PretrainConfig, bad)
+    with pytest.raises(GemmalabError, match="`train.steps` must be int"):
+        load(PretrainConfig, None, ["train.steps=ten"])
     with pytest.raises(GemmalabError, match="train.dtype"):
-        load_config(None, ["train.dtype=fp16"])
+        load(PretrainConfig, None, ["train.dtype=fp16"])

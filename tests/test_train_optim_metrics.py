@@ -10,8 +10,9 @@ from gemmalab.errors import GemmalabError
 from gemmalab.model.config import get_preset
 from gemmalab.model.gemma import Gemma
 from gemmalab.train.metrics import (
-    CarbonConfig, MetricsLogger, carbon, flops_per_token, memory_stats, mfu, peak_flops, _match_gpu,
+    CarbonConfig, carbon, flops_per_token, memory_stats, mfu, peak_flops, _match_gpu,
 )
+from gemmalab.runs import MetricsLogger
 from gemmalab.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_at
 
 

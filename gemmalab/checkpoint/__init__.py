@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from gemmalab.checkpoint.gemma_pytorch import load_gemma_pytorch
-from gemmalab.checkpoint.hf import load_hf, save_hf
+from gemmalab.checkpoint.hf import from_hf_config, read_model_json, load_hf, save_hf
+from gemmalab.dtypes import parse_dtype
 from gemmalab.errors import GemmalabError
 from gemmalab.model import Gemma, ModelConfig
 
@@ -39,14 +40,11 @@ def resolve(ref: str | Path) -> Path:
     return path
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise GemmalabError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
-    return names[dtype]
+def check_ref(ref: str | Path, what: str = "model") -> None:
+    """A GemmalabError unless `ref` is an existing path or a registered name (nothing is read or imported)."""
+    if str(ref) not in REGISTERED and not Path(ref).exists():
+        raise GemmalabError(f"`{what}` = {str(ref)!r}: no such file or folder, nor a registered model name "
+                            f"({', '.join(REGISTERED)})")
 
 
 def load_tokenizer(ref: str | Path):
@@ -58,8 +56,23 @@ def load_tokenizer(ref: str | Path):
         from gemmalab.checkpoint.gguf import open_gguf  # the gguf package only when a GGUF file is read
 
         return Tokenizer.from_gguf(open_gguf(path))
+    if path.suffix == ".model":  # a SentencePiece model file itself
+        return Tokenizer.from_file(path)
     candidate = path / "tokenizer.model" if path.is_dir() else path.with_name("tokenizer.model")
     return Tokenizer.from_file(candidate) if candidate.is_file() else None
+
+
+def load_config(ref: str | Path) -> ModelConfig:
+    """Only the ModelConfig of a model reference (an HF directory's config.json, a GGUF file's metadata); no
+    weights are read. A gemma_pytorch `.ckpt` carries no config, so it has none to give."""
+    path = resolve(ref)
+    if path.is_dir():
+        return from_hf_config(read_model_json(path / "config.json"), str(path / "config.json"))
+    if path.suffix == ".gguf":
+        from gemmalab.checkpoint.gguf import gguf_config, open_gguf
+
+        return gguf_config(open_gguf(path), str(path))
+    raise GemmalabError(f"{path}: no model config can be read from it; name an HF model directory or a .gguf file.")
 
 
 def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
@@ -71,7 +84,7 @@ def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str 
     """
     from gemmalab.tokenizer import Tokenizer
 
-    path, dtype = resolve(ref), _dtype(dtype)
+    path, dtype = resolve(ref), parse_dtype(dtype)
     if path.is_dir():
         return load_hf(path, dtype, device), load_tokenizer(path)
     if path.suffix == ".gguf":
@@ -86,4 +99,4 @@ def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str 
     raise GemmalabError(f"{path}: unknown model format; expected an HF model directory, a .gguf or a .ckpt file.")
 
 
-__all__ = ["REGISTERED", "Gemma", "load", "load_tokenizer", "resolve", "save_hf"]
+__all__ = ["REGISTERED", "Gemma", "check_ref", "load", "load_config", "load_tokenizer", "resolve", "save_hf"]

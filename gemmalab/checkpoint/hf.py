@@ -141,7 +141,8 @@ def from_hf_config(cfg: dict, source: str = "config.json") -> ModelConfig:
         raise GemmalabError(f"{source}: a field has the wrong type ({e}).") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_model_json(path: Path) -> dict:
+    """A JSON object file of a model directory (config.json, the safetensors index); errors name the file."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -156,7 +157,7 @@ def _read_json(path: Path) -> dict:
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_model_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise GemmalabError(f"{index} has no weight_map object.")
         return [directory / f for f in sorted(set(weight_map.values()))]
@@ -184,7 +185,7 @@ def read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Gemma:
     """A Gemma from a Hugging Face model directory."""
     directory = Path(directory)
-    config = from_hf_config(_read_json(directory / "config.json"), str(directory / "config.json"))
+    config = from_hf_config(read_model_json(directory / "config.json"), str(directory / "config.json"))
     raw = read_safetensors(_weight_files(directory))
     names = hf_to_ours(config)
     tensors = {}

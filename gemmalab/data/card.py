@@ -14,6 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gemmalab.files import write_json
+
 __all__ = ["DataCard", "collect_counts", "build_data_card"]
 
 
@@ -42,7 +44,7 @@ class DataCard:
         return asdict(self)
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
 
 def _total(value) -> int:

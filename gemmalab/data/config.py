@@ -1,15 +1,15 @@
-"""`DataConfig`: what `gemmalab data prepare` does, as dataclasses loaded from TOML.
+"""`DataConfig`: what `gemmalab data prepare` does, as dataclasses loaded from TOML by gemmalab.config:
 
-Unknown keys and wrong types are errors that name the file and the dotted key.
+    cfg = gemmalab.config.load(DataConfig, "configs/data/builtin.toml", ["executor.tasks=4"])
+
+Unknown keys and wrong types are errors that name the file and the dotted key; values no stage could run with
+are refused when the config is built. Relative paths are taken from the current directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from gemmalab.config import apply_overrides, from_table, read_toml
 from gemmalab.data.decontam import BenchmarkSpec, DecontamConfig
 from gemmalab.data.dedup import DedupConfig
 from gemmalab.data.filters import (
@@ -17,8 +17,7 @@ from gemmalab.data.filters import (
 )
 from gemmalab.errors import GemmalabError
 
-__all__ = ["InputSpec", "ExecutorConfig", "PackConfig", "DataConfig", "load_data_config", "config_from_dict", "config_to_dict",
-           "BenchmarkSpec", "DecontamConfig", "DedupConfig", "LanguageConfig", "PiiConfig", "QualityConfig",
+__all__ = ["InputSpec", "ExecutorConfig", "PackConfig", "DataConfig", "BenchmarkSpec", "DecontamConfig", "DedupConfig", "LanguageConfig", "PiiConfig", "QualityConfig",
            "QualityThresholds", "SafetyConfig"]
 
 
@@ -35,6 +34,13 @@ class InputSpec:
     builtin: bool = False  # gemmalab.data.corpus.write_builtin_corpus(out_dir / "input")
     builtin_max_files: int | None = None
     builtin_math_problems: int = 20000
+
+    def __post_init__(self) -> None:
+        if not self.builtin and not self.path:
+            raise GemmalabError("an input needs `path` or `builtin = true`")
+
+
+EXECUTORS = ("local", "ray", "slurm")
 
 
 @dataclass
@@ -55,6 +61,12 @@ class ExecutorConfig:
     slurm_qos: str = "normal"
     slurm_sbatch_args: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise GemmalabError(f"`kind` = {self.kind!r}; choose one of {', '.join(EXECUTORS)}")
+        if self.tasks < 1 or self.workers < 1:
+            raise GemmalabError("`tasks` and `workers` must be >= 1")
+
 
 @dataclass
 class PackConfig:
@@ -69,6 +81,10 @@ class PackConfig:
     vocab_size: int = 8192
     train_sentences: int = 300_000  # texts sampled (seeded) to train the tokenizer on
     shard_tokens: int = 2**27
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or self.vocab_size < 300:
+            raise GemmalabError("`seq_len` must be >= 1 and `vocab_size` >= 300")
 
 
 @dataclass
@@ -96,56 +112,13 @@ class DataConfig:
     def kinds(self) -> SourceKinds:
         return SourceKinds(kinds=dict(self.source_kinds))
 
-    def validate(self, where: str = "config") -> None:
-        """Raise GemmalabError on values no stage could run with."""
+    def __post_init__(self) -> None:
         for src, kind in self.source_kinds.items():
             if kind not in KINDS:
-                raise GemmalabError(f"{where}: source_kinds.{src} = {kind!r}; choose one of {KINDS}")
-        if self.pii.mode not in ("redact", "drop"):
-            raise GemmalabError(f"{where}: pii.mode = {self.pii.mode!r}; choose 'redact' or 'drop'")
-        if self.decontamination.mode not in ("drop", "split"):
-            raise GemmalabError(f"{where}: decontamination.mode = {self.decontamination.mode!r}; choose 'drop' or 'split'")
-        if self.executor.kind not in ("local", "ray", "slurm"):
-            raise GemmalabError(f"{where}: executor.kind = {self.executor.kind!r}; choose local, ray or slurm")
-        if self.executor.tasks < 1 or self.executor.workers < 1:
-            raise GemmalabError(f"{where}: executor.tasks and executor.workers must be >= 1")
+                raise GemmalabError(f"`source_kinds`.{src} = {kind!r}; choose one of {KINDS}")
         if not self.inputs:
-            raise GemmalabError(f"{where}: no [[inputs]]; give a path or `builtin = true`")
-        from gemmalab.checkpoint import REGISTERED
+            raise GemmalabError("no [[inputs]]; give a path or `builtin = true`")
+        if self.tokenizer is not None:
+            from gemmalab.checkpoint import check_ref
 
-        if self.tokenizer is not None and self.tokenizer not in REGISTERED and not Path(self.tokenizer).exists():
-            raise GemmalabError(f"{where}: tokenizer = {self.tokenizer!r}: no such file or folder, nor a registered "
-                                f"model name ({', '.join(REGISTERED)})")
-        if self.pack.seq_len < 1 or self.pack.vocab_size < 300:
-            raise GemmalabError(f"{where}: pack.seq_len must be >= 1 and pack.vocab_size >= 300")
-        for i, spec in enumerate(self.inputs):
-            if not spec.builtin and not spec.path:
-                raise GemmalabError(f"{where}: inputs[{i}] needs `path` or `builtin = true`")
-
-
-def config_from_dict(data: dict, where: str = "config") -> DataConfig:
-    """A validated DataConfig from a plain dict (TOML's shape)."""
-    cfg = from_table(DataConfig, data, where, false_is_none=True)
-    cfg.validate(where)
-    return cfg
-
-
-def load_data_config(path: str | Path, overrides: dict | None = None) -> DataConfig:
-    """Load and validate a data-preparation TOML file; relative input and benchmark paths are
-    resolved against the current directory (as the CLI user typed them)."""
-    data = read_toml(path, "data config")
-    apply_overrides(data, overrides or {})
-    return config_from_dict(data, str(Path(path)))
-
-
-def config_to_dict(cfg: DataConfig) -> dict:
-    """The resolved config as plain data (for the data card); dict keys become strings."""
-
-    def clean(x):
-        if isinstance(x, dict):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return clean(dataclasses.asdict(cfg))
+            check_ref(self.tokenizer, "tokenizer")

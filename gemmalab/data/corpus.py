@@ -28,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from gemmalab.errors import GemmalabError
+from gemmalab.files import atomic_open
 
 __all__ = ["SOURCES", "write_builtin_corpus", "stdlib_files", "web_documents", "code_documents",
            "math_documents"]
@@ -334,13 +335,11 @@ def math_documents(n: int, seed: int = 0) -> Iterator[dict]:
 
 def _write_jsonl_gz(path: Path, docs: Iterable[dict]) -> int:
     """Write docs as gzip JSONL with a fixed header (mtime 0, no name) so the bytes are reproducible."""
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+    with atomic_open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
         for d in docs:
             gz.write((json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8"))
             n += 1
-    tmp.replace(path)
     return n
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemmalab.errors import GemmalabError
-from gemmalab.jsonl import open_text, read_jsonl
+from gemmalab.files import open_text, read_jsonl
 
 FORMATS = ("mmlu", "mbpp", "humaneval", "gsm8k", "jsonl")
 # The text fields each known format contributes (n-grams never span two fields).
@@ -60,6 +60,12 @@ class DecontamConfig:
     min_piece_chars: int = 200
     max_splits: int = 10
     benchmarks: list[BenchmarkSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("drop", "split"):
+            raise GemmalabError(f"`mode` = {self.mode!r}; choose 'drop' or 'split'")
+        if self.ngram < 2:
+            raise GemmalabError(f"`ngram` must be >= 2, got {self.ngram}")
 
 
 @dataclass(frozen=True)

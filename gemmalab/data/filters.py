@@ -22,6 +22,7 @@ from datatrove.io import get_datafolder
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from gemmalab import pii
+from gemmalab.errors import GemmalabError
 from gemmalab.data.decontam import DecontamConfig, NgramIndex, janitor_split
 
 __all__ = [
@@ -199,6 +200,10 @@ class PiiConfig:
     kinds: list[str] = field(default_factory=lambda: list(pii.KINDS))
     phone_region: str = "US"
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("redact", "drop"):
+            raise GemmalabError(f"`mode` = {self.mode!r}; choose 'redact' or 'drop'")
+
 
 class PiiFilter(_CountingFilter):
     """Redacts PII with typed placeholders, or drops documents that contain any (see gemmalab.pii)."""
@@ -208,8 +213,6 @@ class PiiFilter(_CountingFilter):
 
     def __init__(self, config: PiiConfig, source_kinds: SourceKinds | None = None):
         super().__init__(source_kinds)
-        if config.mode not in ("redact", "drop"):
-            raise ValueError(f"pii.mode must be 'redact' or 'drop', not {config.mode!r}")
         self.config = config
         self.kinds = tuple(config.kinds)
 
@@ -467,19 +470,19 @@ class DecontamFilter(_CountingFilter):
     """13-gram benchmark decontamination (see gemmalab.data.decontam); writes its hits per task.
 
     Hits go to `hits_folder/NNNNN.jsonl` (one row per benchmark item and document) for the
-    contamination report; the benchmark index is built lazily in each worker.
+    contamination report. `index`: the benchmarks' n-gram index, built once by the caller (it travels to the
+    workers with the pipeline); None builds it from `config` in each worker.
     """
 
     name = "🧪 gemmalab decontamination"
     filter_name = "decontam"
 
-    def __init__(self, config: DecontamConfig, hits_folder: str, source_kinds: SourceKinds | None = None):
+    def __init__(self, config: DecontamConfig, hits_folder: str, source_kinds: SourceKinds | None = None,
+                 index: NgramIndex | None = None):
         super().__init__(source_kinds)
-        if config.mode not in ("drop", "split"):
-            raise ValueError(f"decontamination.mode must be 'drop' or 'split', not {config.mode!r}")
         self.config = config
         self.hits_folder = hits_folder
-        self._index: NgramIndex | None = None
+        self._index = index
         self._hits_file = None
 
     @property

@@ -84,6 +84,14 @@ class Mixture:
         return cls(stages)
 
     @classmethod
+    def from_toml(cls, table: Mapping, where: str = "", key: str = "") -> Mixture:
+        """`from_dict`, for gemmalab.config (errors are reported with the file and table)."""
+        return cls.from_dict(table)
+
+    def to_toml(self) -> dict:
+        return self.to_dict()
+
+    @classmethod
     def constant(cls, weights: Mapping[str, float]) -> Mixture:
         """One stage with these weights for the whole run."""
         return cls([Stage(1.0, dict(weights))])

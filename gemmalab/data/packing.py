@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gemmalab.errors import GemmalabError
-from gemmalab.jsonl import open_text
+from gemmalab.files import BLANK, UNREADABLE, atomic_write, jsonl_lines
 
 __all__ = ["PackMeta", "ShardInfo", "ShardWriter", "pack", "read_meta", "document_files", "iter_documents",
            "FORMAT", "META_FILE"]
@@ -122,35 +122,29 @@ def iter_documents(path: Path, source_field: str = "source") -> Iterator[tuple[i
     status is "ok" (doc is {"id", "text", "source"}), "blank", "empty" (text is ""), or "malformed"
     (problem says why). A document without ``metadata[source_field]`` gets source "unknown".
     """
-    try:
-        with open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    yield lineno, "blank", None, None
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield lineno, "malformed", None, f"invalid JSON ({e.msg})"
-                    continue
-                if not isinstance(obj, dict):
-                    yield lineno, "malformed", None, f"expected a JSON object, got {type(obj).__name__}"
-                    continue
-                text = obj.get("text")
-                if not isinstance(text, str):
-                    yield lineno, "malformed", None, "field 'text' is missing or not a string"
-                    continue
-                meta = obj.get("metadata")
-                source = meta.get(source_field) if isinstance(meta, dict) else None
-                if source is None:
-                    source = obj.get(source_field, "unknown")
-                if not isinstance(source, str) or not source:
-                    yield lineno, "malformed", None, f"field 'metadata.{source_field}' is not a non-empty string"
-                    continue
-                status = "ok" if text else "empty"
-                yield lineno, status, {"id": obj.get("id"), "text": text, "source": source}, None
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # truncated gzip, bad bytes: stop this file, say where
-        yield -1, "unreadable", None, f"file cannot be read to the end ({type(e).__name__}: {e})"
+    for lineno, obj, problem in jsonl_lines(path, blank_lines=True):
+        if problem == BLANK:
+            yield lineno, "blank", None, None
+            continue
+        if problem is not None and problem.startswith(UNREADABLE):  # truncated gzip, bad bytes: stop, say where
+            yield -1, "unreadable", None, problem
+            return
+        if problem is not None:
+            yield lineno, "malformed", None, problem
+            continue
+        text = obj.get("text")
+        if not isinstance(text, str):
+            yield lineno, "malformed", None, "field 'text' is missing or not a string"
+            continue
+        meta = obj.get("metadata")
+        source = meta.get(source_field) if isinstance(meta, dict) else None
+        if source is None:
+            source = obj.get(source_field, "unknown")
+        if not isinstance(source, str) or not source:
+            yield lineno, "malformed", None, f"field 'metadata.{source_field}' is not a non-empty string"
+            continue
+        status = "ok" if text else "empty"
+        yield lineno, status, {"id": obj.get("id"), "text": text, "source": source}, None
 
 
 # ---- writing shards ---------------------------------------------------------------------------
@@ -219,9 +213,7 @@ class ShardWriter:
         for f in self.out.iterdir():
             if f.name.startswith(("tokens-", "index-")) and f.name not in keep:
                 f.unlink()
-        tmp = self.out / (META_FILE + ".tmp")
-        tmp.write_text(self.meta.to_json(), encoding="utf-8")
-        tmp.replace(self.out / META_FILE)
+        atomic_write(self.out / META_FILE, self.meta.to_json())
         return self.meta
 
 

@@ -13,15 +13,16 @@ The work is a chain of datatrove executors (stages), each a list of datatrove pi
 Stages whose dedup is switched off are left out. The same stages run on datatrove's local, Ray or
 Slurm executor (`executor.kind`); local and Ray produce identical files for the same `tasks`.
 
-Output folder: `documents/` (design-contract JSONL, one file per task), `data_card.json`,
-`decontamination.json`, `config.json` (resolved), `logs/<stage>/` (datatrove logs and stats) and
-`work/` (intermediate files).
+Output folder (a run directory, gemmalab.runs): `config.toml` (resolved), `documents/` (design-contract JSONL,
+one file per task), `data_card.json`, `decontamination.json`, `tokens/` (token shards, when packing),
+`tokenizer/` (when one is trained), `logs/<stage>/` (datatrove logs and stats), `work/` (intermediate files) and
+`result.json` (written last: stage "data", the document counts, the tokens packed).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import contextlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +34,19 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 
+from gemmalab.config import load, to_table
 from gemmalab.data.card import DataCard, build_data_card, collect_counts
-from gemmalab.data.config import DataConfig, config_to_dict, load_data_config
+from gemmalab.data.config import DataConfig
 from gemmalab.data.decontam import NgramIndex, contamination_report
 from gemmalab.data.dedup import (
     CountingDedup, WhitespaceWordTokenizer, exact_config, lsh_match_probability, lsh_threshold, minhash_config,
 )
 from gemmalab.data.filters import DecontamFilter, LanguageFilter, PiiFilter, QualityFilter, SafetyFilter
 from gemmalab.checkpoint import load_tokenizer
-from gemmalab.data.reader import (
-    CountingJsonlReader, InputFile, OutputCounter, TaskFileReader, document_adapter, open_lines,
-)
+from gemmalab.data.reader import CountingJsonlReader, InputFile, OutputCounter, TaskFileReader, document_adapter
 from gemmalab.errors import GemmalabError
+from gemmalab.files import jsonl_lines, write_json
+from gemmalab.runs import RunDir
 
 __all__ = ["Stage", "prepare", "prepare_from_file", "finish", "resolve_inputs", "build_stages", "build_executors",
            "DataCard"]
@@ -89,16 +91,22 @@ def _writer(folder: Path) -> JsonlWriter:
     return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=document_adapter)
 
 
-def build_stages(cfg: DataConfig, out_dir: str | Path, files: list[InputFile]) -> list[Stage]:
-    """The datatrove stages for `cfg` (see the module docstring), writing under `out_dir`."""
+def build_stages(cfg: DataConfig, out_dir: str | Path, files: list[InputFile], tokenizer: str | None = None,
+                 index: NgramIndex | None = None) -> list[Stage]:
+    """The datatrove stages for `cfg` (see the module docstring), writing under `out_dir`.
+
+    `tokenizer` (a REF; default `cfg.tokenizer`) counts tokens in and out; `index`, the benchmarks' n-gram index
+    built once (default: each worker builds its own).
+    """
     out = Path(out_dir)
     work = out / "work"
     kinds = cfg.kinds()
     tasks = cfg.executor.tasks
-    steps: list[PipelineStep] = [CountingJsonlReader(files, cfg.text_key, cfg.id_key, cfg.tokenizer)]
+    tokenizer = tokenizer or cfg.tokenizer
+    steps: list[PipelineStep] = [CountingJsonlReader(files, cfg.text_key, cfg.id_key, tokenizer)]
     dc = cfg.decontamination
     if dc.enabled and dc.benchmarks:
-        steps.append(DecontamFilter(dc, str(work / "decontam_hits"), kinds))
+        steps.append(DecontamFilter(dc, str(work / "decontam_hits"), kinds, index))
     if cfg.language.enabled:
         steps.append(LanguageFilter(cfg.language, kinds))
     if cfg.quality.enabled:
@@ -108,7 +116,7 @@ def build_stages(cfg: DataConfig, out_dir: str | Path, files: list[InputFile]) -
     if cfg.pii.enabled:
         steps.append(PiiFilter(cfg.pii, kinds))
 
-    final = [OutputCounter(cfg.tokenizer), _writer(out / "documents")]
+    final = [OutputCounter(tokenizer), _writer(out / "documents")]
     stages: list[Stage] = []
     mh = minhash_config(cfg.dedup)
     tokenizer = WhitespaceWordTokenizer()
@@ -160,15 +168,13 @@ def build_executors(cfg: DataConfig, stages: list[Stage], out_dir: str | Path) -
 
             executors.append(RayPipelineExecutor(workers=min(ex.workers, st.tasks), cpus_per_task=ex.ray_cpus_per_task,
                                                  mem_per_cpu_gb=ex.ray_mem_per_cpu_gb, **common))
-        elif ex.kind == "slurm":
+        else:  # slurm (the config allows nothing else)
             from datatrove.executor.slurm import SlurmPipelineExecutor
 
             executors.append(SlurmPipelineExecutor(
                 time=ex.slurm_time, partition=ex.slurm_partition, cpus_per_task=ex.slurm_cpus_per_task,
                 mem_per_cpu_gb=ex.slurm_mem_per_cpu_gb, qos=ex.slurm_qos, sbatch_args=dict(ex.slurm_sbatch_args),
                 job_name=f"gemmalab_data_{st.name}", depends=executors[-1] if executors else None, **common))
-        else:
-            raise GemmalabError(f"executor.kind = {ex.kind!r}; choose local, ray or slurm")
     return executors
 
 
@@ -180,63 +186,106 @@ def _prepare_dirs(out: Path) -> None:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
 
-def finish(cfg: DataConfig, out_dir: str | Path) -> DataCard:
-    """Write `decontamination.json` and `data_card.json` from the stages' stats and hit files."""
+def finish(cfg: DataConfig, out_dir: str | Path, index: NgramIndex | None = None) -> DataCard:
+    """Complete a run whose datatrove stages have ended (`prepare` calls it; after Slurm, call it yourself): write
+    `decontamination.json` and `data_card.json` from the stages' stats and hit files, pack the kept documents
+    into token shards (with `cfg.tokenizer`, else the one trained into OUT/tokenizer/), and write `result.json`.
+    `index`: the benchmarks' n-gram index if already built."""
     out = Path(out_dir)
-    hits = []
-    for f in sorted((out / "work" / "decontam_hits").glob("*.jsonl")):
-        hits += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    hits = [obj for f in sorted((out / "work" / "decontam_hits").glob("*.jsonl"))
+            for _, obj, _ in jsonl_lines(f) if obj is not None]
     dc = cfg.decontamination
-    report = contamination_report(NgramIndex(dc.benchmarks if dc.enabled else [], dc.ngram), hits)
+    if index is None:
+        index = NgramIndex(dc.benchmarks if dc.enabled else [], dc.ngram)
+    report = contamination_report(index, hits)
     report["mode"] = dc.mode
-    (out / "decontamination.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "decontamination.json", report)
     summary = {name: {k: v for k, v in b.items() if k != "contaminated_items"}
                for name, b in report["benchmarks"].items()}
-    conf = config_to_dict(cfg)
+    conf = to_table(cfg)
     d = cfg.dedup
     conf["dedup"]["lsh_threshold_estimate"] = round(lsh_threshold(d.num_buckets, d.hashes_per_bucket), 4)
     conf["dedup"]["p_match_at_jaccard_0.8"] = round(lsh_match_probability(0.8, d.num_buckets, d.hashes_per_bucket), 4)
     card = build_data_card(collect_counts(out / "logs"), summary, cfg.executor.kind, conf)
     card.write(out / "data_card.json")
+    figures = {"documents_in": card.documents_in, "documents_out": card.documents_out,
+               "documents_dropped": card.documents_dropped, "reconciled": card.reconciled,
+               "malformed_lines": sum(card.malformed_lines.values()), "data_card": str(out / "data_card.json")}
+    if cfg.pack.enabled:
+        from gemmalab.data.packing import pack
+
+        tokenizer = cfg.tokenizer or str(out / "tokenizer" / "tokenizer.model")
+        meta = pack(sorted((out / "documents").glob("*.jsonl*")), load_tokenizer(tokenizer), out / "tokens",
+                    seq_len=cfg.pack.seq_len, shard_tokens=cfg.pack.shard_tokens)
+        figures |= {"tokens": meta.num_tokens, "vocab_size": meta.vocab_size, "token_shards": str(out / "tokens"),
+                    "tokenizer": tokenizer}
+    RunDir(out, "data").write_result("finished", figures)
     return card
 
 
-def prepare(config: DataConfig, out_dir: str | Path | None = None) -> DataCard | None:
+def prepare(config: DataConfig, out_dir: str | Path | None = None, *, log_file: str | Path | None = None
+            ) -> DataCard | None:
     """Run the whole data preparation; returns the data card (None for Slurm, which only submits).
 
     `out_dir` defaults to `config.out_dir`. Earlier `documents/`, `logs/` and `work/` there are
     replaced. With `executor.kind = "ray"`, an already initialised Ray is used, else `ray.init`
-    (with `executor.ray_address` when set).
+    (with `executor.ray_address` when set). `log_file`: where datatrove's logs go (they are written to file
+    descriptor 2 by every worker); None leaves them on stderr.
     """
-    config.validate()
     out = Path(out_dir or config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out, "data").create()
+    run.result_file.unlink(missing_ok=True)  # result.json is the last file of a finished run
     _prepare_dirs(out)
-    files = resolve_inputs(config, out)
-    if config.pack.enabled and config.tokenizer is None:
-        config = dataclasses.replace(config, tokenizer=str(train_tokenizer_on_inputs(config, files, out)))
-    (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n", encoding="utf-8")
-    if config.decontamination.enabled:
-        NgramIndex(config.decontamination.benchmarks, config.decontamination.ngram)  # fail early on bad files
-    stages = build_stages(config, out, files)
-    if config.executor.kind == "ray":
-        import ray
+    run.snapshot(config)
+    with _stderr_to(log_file):
+        files = resolve_inputs(config, out)
+        tokenizer = config.tokenizer
+        if config.pack.enabled and tokenizer is None:
+            tokenizer = str(train_tokenizer_on_inputs(config, files, out))
+        dc = config.decontamination
+        index = NgramIndex(dc.benchmarks if dc.enabled else [], dc.ngram)  # once; bad benchmark files fail here
+        stages = build_stages(config, out, files, tokenizer, index)
+        if config.executor.kind == "ray":
+            import ray
 
-        if not ray.is_initialized():
-            ray.init(address=config.executor.ray_address)
-    executors = build_executors(config, stages, out)
-    if config.executor.kind == "slurm":
-        executors[-1].run()  # submits the whole chain through `depends`
-        return None
-    for ex in executors:
-        ex.run()
-    card = finish(config, out)
-    if config.pack.enabled:
-        from gemmalab.data.packing import pack
+            if not ray.is_initialized():
+                ray.init(address=config.executor.ray_address)
+        executors = build_executors(config, stages, out)
+        if config.executor.kind == "local":
+            _preload_workers()
+        if config.executor.kind == "slurm":
+            executors[-1].run()  # submits the whole chain through `depends`
+            run.write_result("submitted", {"note": "when the Slurm jobs end, gemmalab.data.pipeline.finish(config, "
+                                                   "out_dir) writes the data card, the token shards and result.json"})
+            return None
+        for ex in executors:
+            ex.run()
+        return finish(config, out, index)
 
-        pack(sorted((out / "documents").glob("*.jsonl*")), load_tokenizer(config.tokenizer), out / "tokens",
-             seq_len=config.pack.seq_len, shard_tokens=config.pack.shard_tokens)
-    return card
+
+def _preload_workers() -> None:
+    """datatrove's local workers are forked from a forkserver: have it import the pipeline's modules once (torch,
+    the filters, the tokenizer), so that each task's process starts without importing them again (about 10 s of
+    the built-in preparation on 2 cores). Takes effect when this process starts its forkserver, i.e. once."""
+    import multiprocess
+
+    multiprocess.get_context("forkserver").set_forkserver_preload(["__main__", "gemmalab.data.pipeline"])  # "__main__": the default
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str | Path | None):
+    """Send file descriptor 2 (datatrove's workers log every step at INFO there) to `path`, if given."""
+    if path is None:
+        yield
+        return
+    saved = os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def train_tokenizer_on_inputs(config: DataConfig, files: list[InputFile], out: Path) -> Path:
@@ -250,19 +299,16 @@ def train_tokenizer_on_inputs(config: DataConfig, files: list[InputFile], out: P
     sample = folder / "training_text.txt"
     with open(sample, "w", encoding="utf-8") as f:
         for input_file in files:
-            with open_lines(input_file.path) as lines:
-                for raw in lines:
-                    try:
-                        text = json.loads(raw)[config.text_key]
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                    if isinstance(text, str) and text.strip():
-                        f.write(text.replace("\r", "") + "\n")
+            for _, row, _ in jsonl_lines(input_file.path):
+                text = row.get(config.text_key) if row is not None else None
+                if isinstance(text, str) and text.strip():
+                    f.write(text.replace("\r", "") + "\n")
     train_tokenizer([sample], config.pack.vocab_size, folder, input_sentence_size=config.pack.train_sentences)
     sample.unlink()
     return folder / "tokenizer.model"
 
 
-def prepare_from_file(config_path: str | Path, out_dir: str | Path | None = None) -> DataCard | None:
-    """`gemmalab data prepare --config FILE.toml [--out DIR]`."""
-    return prepare(load_data_config(config_path), out_dir)
+def prepare_from_file(config_path: str | Path, out_dir: str | Path | None = None,
+                      overrides: list[str] | None = None, log_file: str | Path | None = None) -> DataCard | None:
+    """`gemmalab data prepare --config FILE.toml [--out DIR] [key=value ...]`."""
+    return prepare(load(DataConfig, config_path, overrides), out_dir, log_file=log_file)

@@ -18,7 +18,9 @@ from gemmalab.errors import GemmalabError
 from gemmalab.evaluate.metrics import pass_at_k
 from gemmalab.evaluate.requests import generate_until, loglikelihoods
 from gemmalab.evaluate.tasks.base import Sample, Task
+from gemmalab.files import write_json
 from gemmalab.inference import Engine
+from gemmalab.runs import RunDir
 
 
 def evaluate(engine: Engine, tasks: list[Task], out: str | Path, *, model: str = "", limit: int | None = None,
@@ -39,29 +41,28 @@ def evaluate(engine: Engine, tasks: list[Task], out: str | Path, *, model: str =
             from gemmalab.evaluate.sandbox import check_available
 
             check_available()
+    run = RunDir(out, "eval")
+    run.snapshot({"model": model, "tasks": [t.name for t in tasks], "limit": limit, "seed": seed,
+                  "allow_code_execution": allow_code_execution})
     results = {}
     for task in tasks:
         started = time.perf_counter()
         samples = task.samples[:limit] if limit is not None else task.samples
-        records = _run_task(engine, task, samples, out / "samples", model, seed, sandbox_limits, progress)
+        records = _run_task(engine, task, samples, run, model, seed, sandbox_limits, progress)
         results[task.name] = _summarize(task, samples, records) | {"seconds": round(time.perf_counter() - started, 1)}
-    result = {"stage": "eval", "model": model, "limit": limit,
-              "headline": {name: {r["metric"]: r["value"]} for name, r in results.items()}, "tasks": results}
-    out.mkdir(parents=True, exist_ok=True)
-    _merge_result(out / "result.json", result)
-    return json.loads((out / "result.json").read_text())
+    headline = {name: {r["metric"]: r["value"]} for name, r in results.items()}
+    old = run.result()
+    if old is not None and old.get("model") == model:  # tasks evaluated earlier into this directory stay in it
+        headline, results = old.get("headline", {}) | headline, old.get("tasks", {}) | results
+    run.write_result("finished", {"model": model, "limit": limit, "headline": headline, "tasks": results})
+    return run.result()
 
 
-def _merge_result(path: Path, result: dict) -> None:
-    """Tasks evaluated earlier into the same directory stay in its result.json."""
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("model") == result["model"]:
-            result["headline"] = old.get("headline", {}) | result["headline"]
-            result["tasks"] = old.get("tasks", {}) | result["tasks"]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+def summary_lines(result: dict, names: list[str] | None = None) -> list[str]:
+    """One line per task of an eval result (those named, else all): name, metric, value and sample count."""
+    tasks = result["tasks"]
+    return [f"{name:<16} {tasks[name]['metric']:<12} {tasks[name]['value']:.4f}  (n={tasks[name]['n']})"
+            for name in (names if names is not None else tasks)]
 
 
 def _fingerprint(task: Task, samples: list[Sample], model: str, seed: int) -> dict:
@@ -73,25 +74,8 @@ def _fingerprint(task: Task, samples: list[Sample], model: str, seed: int) -> di
             "stop": list(task.stop), "seed": seed}
 
 
-def _load_records(path: Path) -> dict[str, dict]:
-    """Records written so far; a last line cut off by a crash is dropped (its sample runs again)."""
-    records, good = {}, []
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            records[rec["id"]] = rec
-            good.append(line)
-        kept = "".join(line + "\n" for line in good)
-        if kept != text:  # rewrite only a file that ends in a cut line, so appending starts on a fresh line
-            path.write_text(kept, encoding="utf-8")
-    return records
-
-
-def _run_task(engine, task, samples, folder: Path, model, seed, sandbox_limits, progress) -> list[dict]:
+def _run_task(engine, task, samples, run: RunDir, model, seed, sandbox_limits, progress) -> list[dict]:
+    folder = run.path / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}.meta.json"
     meta = _fingerprint(task, samples, model, seed)
@@ -101,29 +85,24 @@ def _run_task(engine, task, samples, folder: Path, model, seed, sandbox_limits, 
         if changed:
             raise GemmalabError(f"{path} holds a run with other settings ({', '.join(changed)} differ). Use another "
                                 f"--out, or delete that file to start this task again.")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    done = _load_records(path)
-    pending = [s for s in samples if s.id not in done]
-    if task.kind == "generate":  # similar lengths batch together: less padding
-        pending.sort(key=lambda s: len(s.prompt), reverse=True)
-    per_chunk = engine.max_batch_size if task.kind == "generate" else max(1, 4 * engine.max_batch_size // max(
-        1, len(samples[0].choices if samples[0].contexts is None else samples[0].contexts)))
-    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=task.name, unit="sample",
-               disable=not progress, dynamic_ncols=True)
-    with open(path, "a", encoding="utf-8") as f:
+    write_json(meta_path, meta)
+    with run.records(f"samples/{task.name}") as records:
+        pending = [s for s in samples if s.id not in records.done]
+        if task.kind == "generate":  # similar lengths batch together: less padding
+            pending.sort(key=lambda s: len(s.prompt), reverse=True)
+        per_chunk = engine.max_batch_size if task.kind == "generate" else max(1, 4 * engine.max_batch_size // max(
+            1, len(samples[0].choices if samples[0].contexts is None else samples[0].contexts)))
+        bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=task.name, unit="sample",
+                   disable=not progress, dynamic_ncols=True)
         for start in range(0, len(pending), per_chunk):
             chunk = pending[start:start + per_chunk]
             if task.kind == "choice":
-                new = _choice_records(engine, task, chunk)
+                records.append(_choice_records(engine, task, chunk))
             else:
-                new = _generate_records(engine, task, chunk, seed, sandbox_limits)
-            for rec in new:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                done[rec["id"]] = rec
-            f.flush()
+                records.append(_generate_records(engine, task, chunk, seed, sandbox_limits))
             bar.update(len(chunk))
-    bar.close()
-    return [done[s.id] for s in samples]
+        bar.close()
+        return [records.done[s.id] for s in samples]
 
 
 def _choice_records(engine: Engine, task: Task, chunk: list[Sample]) -> list[dict]:

@@ -4,6 +4,7 @@ stop tokens and strings, streaming, per-token log-probabilities, and scoring of 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,6 +117,22 @@ _FROZEN_WEIGHTS_COMPILE = {"freezing": True, "max_autotune": True, "max_autotune
                            "max_autotune_report_choices_stats": False}
 
 
+def _in_eval_mode(method):
+    """Run an Engine method with the model in eval mode, then give every module back its own mode."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return wrapper
+
+
 class Engine:
     """Generates and scores with one model. `max_batch_size` rows run at once; more prompts queue up.
 
@@ -124,11 +141,14 @@ class Engine:
     each new (batch size, cache size) pair compiles once more. A quantized model on CPU compiles with its weights
     frozen and kernels autotuned (slower to compile, about 2x faster int8 decode); frozen weights are copied
     into the compiled step, so keep such a model unchanged once generation has started.
+
+    The model runs in eval mode while the engine generates or scores, and each of its modules gets back the mode
+    it had afterwards (a model being trained, for RL rollouts or held-out checks, stays in training mode).
     """
 
     def __init__(self, model: Gemma, tokenizer, max_batch_size: int = 32, compile: bool = False,
                  logits_budget: int = 2 * 1024**3):
-        self.model, self.tokenizer, self.max_batch_size = model.eval(), tokenizer, max_batch_size
+        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.logits_budget = logits_budget  # bytes of f32 logits one scoring batch may hold
         self.device = model.embed.weight.device
         self.compiled = compile
@@ -147,6 +167,7 @@ class Engine:
         return ids
 
     @torch.inference_mode()
+    @_in_eval_mode
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
                  on_token: Callable[[int, str, str | None], None] | None = None) -> list[Completion]:
         """Continue each prompt (a string, encoded with BOS, or a list of ids).
@@ -256,6 +277,7 @@ class Engine:
         return fed
 
     @torch.inference_mode()
+    @_in_eval_mode
     def score(self, pairs: list[tuple], batch_size: int | None = None, exact: bool = True) -> list[Score]:
         """log p(continuation | context) for (context, continuation) pairs of strings or id lists.
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 from gemmalab.inference.engine import Completion, Engine, SamplingParams
 from gemmalab.model import Gemma
 
-Generation = Completion  # the name the public API has used since the first release
-
-
 def generate(model: Gemma, tokenizer, prompts: str | list[str] | list[list[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_ids: tuple[int, ...] | None = None, stop: tuple[str, ...] = (), logprobs: bool = False,

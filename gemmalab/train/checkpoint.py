@@ -21,7 +21,6 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gemmalab.errors import GemmalabError
+from gemmalab.files import write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_complete", "complete_checkpoints", "rng_state",
            "set_rng_state", "MARKER"]
@@ -58,13 +58,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---- RNG --------------------------------------------------------------------------------------
@@ -155,9 +148,9 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
     with warnings.catch_warnings():  # one process without a group: DCP says so on every call
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _write_json(tmp / f"rng-{rank:05d}.json", rng_state())
+    write_json(tmp / f"rng-{rank:05d}.json", rng_state(), indent=None)
     if rank == 0:
-        _write_json(tmp / "train_state.json", train_state)
+        write_json(tmp / "train_state.json", train_state, indent=None)
     _barrier()
     if rank == 0:
         for f in tmp.iterdir():  # DCP writes without fsync on some versions; make the data durable first
@@ -166,8 +159,7 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
         _fsync_dir(tmp)
         tmp.rename(final)
         files = {f.name: f.stat().st_size for f in sorted(final.iterdir())}
-        _write_json(final / (MARKER + ".tmp"), {"step": step, "files": files})
-        (final / (MARKER + ".tmp")).rename(final / MARKER)
+        write_json(final / MARKER, {"step": step, "files": files}, indent=None)
         _fsync_dir(final)
         _fsync_dir(root)
         _prune(root, keep)

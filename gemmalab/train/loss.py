@@ -30,7 +30,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class LossOutput:
+class LMLoss:
     """loss = ce + z_loss * z (what to backprop); ce: mean cross-entropy; z: mean logsumexp^2;
     n_tokens: non-ignored targets (0-dim long tensor, no host sync). Means are over non-ignored
     targets, or sums when reduction="sum" (for gradient accumulation over a global token count)."""
@@ -166,7 +166,7 @@ class _FusedCE(torch.autograd.Function):
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           chunk_size: int = 4096, softcap: float | None = None, z_loss: float = 0.0,
-                          reduction: str = "mean") -> LossOutput:
+                          reduction: str = "mean") -> LMLoss:
     """Cross-entropy of logits = hidden @ weight.T (optionally soft-capped), `chunk_size` rows of logits at a time.
 
     hidden: [N, D]; weight: [V, D] (the tied embedding); targets: [N] token ids, -100 to ignore.
@@ -179,11 +179,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, ce, z, n = _FusedCE.apply(hidden, weight, targets, chunk_size, softcap, float(z_loss), reduction == "mean",
                                     want_grad)
-    return LossOutput(loss, ce, z, n)
+    return LMLoss(loss, ce, z, n)
 
 
 def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                        softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean") -> LossOutput:
+                        softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean") -> LMLoss:
     """The reference: the same loss from torch's own ops on the full [N, V] fp32 logits (all outputs
     differentiable)."""
     _check(hidden, weight, targets, 1, softcap, z_loss, reduction)
@@ -201,12 +201,12 @@ def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         safe = targets.long().clamp(min=0)[:, None]
         lse = (logits.gather(-1, safe) - logp.gather(-1, safe))[:, 0]
         z = (lse.square() * valid.to(acc)).sum() / denom
-    return LossOutput(ce + z_loss * z, ce, z, n)
+    return LMLoss(ce + z_loss * z, ce, z, n)
 
 
 def lm_loss(model: torch.nn.Module, tokens_in: torch.Tensor, targets: torch.Tensor,
             positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, *,
-            z_loss: float = 0.0, reduction: str = "mean", chunk_bytes: int = 256 * 2**20) -> LossOutput:
+            z_loss: float = 0.0, reduction: str = "mean", chunk_bytes: int = 256 * 2**20) -> LMLoss:
     """Next-token loss of a Gemma model: tokens_in [B, T] -> hidden [B*T, D] -> CE with the tied embedding and
     the model's final soft-cap. targets [B, T], -100 where no loss is wanted.
 

@@ -7,6 +7,7 @@ of the steps, as torchtitan's `decay_ratio` and nanochat's warmdown); "constant"
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None or 0: no clipping
     schedule: str = "cosine"
     warmup_steps: int = 0
-    total_steps: int = 1000
+    total_steps: int | None = None  # None: the run's train.steps (a stage config fills it in)
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine and wsd)
     decay_fraction: float = 0.2  # wsd: the last decay_fraction * total_steps steps decay
 
@@ -37,32 +38,37 @@ class OptimConfig:
         self.betas = tuple(self.betas)  # TOML gives a list
         problems = []
         if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            problems.append(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
+            problems.append(f"`lr` must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+            problems.append(f"`betas` must be two numbers in [0, 1), got {self.betas}")
         if self.eps <= 0 or self.weight_decay < 0:
-            problems.append(f"eps must be positive and weight_decay >= 0, got {self.eps} and {self.weight_decay}")
+            problems.append(f"`eps` must be positive and `weight_decay` >= 0, got {self.eps} and {self.weight_decay}")
         if self.grad_clip is not None and self.grad_clip < 0:
-            problems.append(f"grad_clip must be >= 0 or unset, got {self.grad_clip}")
-        if self.total_steps <= 0 or not 0 <= self.warmup_steps <= self.total_steps:
-            problems.append(f"need total_steps > 0 and 0 <= warmup_steps <= total_steps, got {self.warmup_steps} "
+            problems.append(f"`grad_clip` must be >= 0 or unset, got {self.grad_clip}")
+        total = self.warmup_steps if self.total_steps is None else self.total_steps  # unset: checked once set
+        if total <= 0 and self.total_steps is not None or not 0 <= self.warmup_steps <= total:
+            problems.append(f"need `total_steps` > 0 and 0 <= `warmup_steps` <= `total_steps`, got {self.warmup_steps} "
                             f"and {self.total_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            problems.append(f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.decay_fraction <= 1.0:
-            problems.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        elif self.schedule == "wsd" and self.warmup_steps + self.decay_steps > self.total_steps:
-            problems.append(f"wsd: warmup_steps ({self.warmup_steps}) + decay steps ({self.decay_steps}) exceed "
-                            f"total_steps ({self.total_steps})")
+            problems.append(f"`decay_fraction` must be in [0, 1], got {self.decay_fraction}")
+        elif self.schedule == "wsd" and self.total_steps and self.warmup_steps + self.decay_steps > self.total_steps:
+            problems.append(f"wsd: `warmup_steps` ({self.warmup_steps}) + decay steps ({self.decay_steps}) exceed "
+                            f"`total_steps` ({self.total_steps})")
         if problems:
             raise GemmalabError("Invalid optimizer config: " + "; ".join(problems) + ".")
 
     @property
     def decay_steps(self) -> int:
         """WSD: number of final steps that decay."""
-        return round(self.decay_fraction * self.total_steps)
+        return round(self.decay_fraction * (self.total_steps or 0))
+
+    def for_run(self, steps: int) -> OptimConfig:
+        """This config with total_steps set to the run's `steps` if it was left unset."""
+        return self if self.total_steps is not None else dataclasses.replace(self, total_steps=steps)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -118,6 +124,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
     """LambdaLR that sets every group's lr to lr_at(step, cfg); call scheduler.step() after optimizer.step()."""
+    if cfg.total_steps is None:
+        raise GemmalabError("The schedule needs optim.total_steps (OptimConfig.for_run(steps) sets it).")
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] = cfg.lr
     return LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmalab.errors import GemmalabError
-from gemmalab.jsonl import read_jsonl  # noqa: F401  (the tasks read their files through it)
+from gemmalab.files import read_jsonl  # noqa: F401  (the tasks read their files through it)
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Flags and steps several commands share: the model reference, runtime and sampling flags, loading a model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gemmalab.dtypes import DTYPES, parse_dtype
+from gemmalab.errors import GemmalabError
+
+
+def dtype_arg(value: str) -> torch.dtype:
+    """argparse `type` for --dtype: either spelling (bf16 or bfloat16)."""
+    try:
+        return parse_dtype(value)
+    except GemmalabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory, .gguf file, .ckpt file or registered name (gemma3-270m)")
+    p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt, which carries no config (e.g. gemma-2b)")
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPES),
+                   help="weights and activations (default fp32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization (int8: near-lossless; int4: faster, perplexity about 1.4-2x)")
+
+
+def add_sampling(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    add_runtime(p)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_model(ref: str | Path, preset: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quantize: str | None = None):
+    """(model, tokenizer) of a model reference, optionally quantized for inference."""
+    import gemmalab
+    from gemmalab.model import get_preset
+
+    model, tokenizer = gemmalab.load(ref, dtype=dtype, device=device, config=get_preset(preset) if preset else None)
+    if quantize:
+        from gemmalab.model.quant import quantize as quantize_model
+
+        quantize_model(model, quantize)
+    return model, tokenizer
+
+
+def load_runtime_model(args: argparse.Namespace):
+    """`load_model` with the flags of `add_model` and `add_runtime`; threads set first."""
+    set_threads(args.threads)
+    return load_model(args.model, args.preset, args.dtype, args.device, args.quantize)
+
+
+def require_tokenizer(tokenizer, ref):
+    if tokenizer is None:
+        raise GemmalabError(f"Model {ref} has no tokenizer (tokenizer.model); add one to the model directory.")
+    return tokenizer

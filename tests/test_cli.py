@@ -1,0 +1,54 @@
+"""The command line package: every command parses, bad input exits with status 2 and a message naming the file and
+key (no traceback), and the dtype flag takes the same spellings as configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmalab.cli import COMMANDS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_command_has_help(capsys):
+    names = set(build_parser()._subparsers._group_actions[0].choices)
+    assert names == {"generate", "chat", "serve", "tokenize", "convert", "tokenizer", "data", "pretrain", "eval"}
+    assert len(COMMANDS) == len(names)
+    for argv in [[n, "--help"] for n in names - {"data", "tokenizer"}] + [["data", "prepare", "--help"],
+                                                                         ["tokenizer", "train", "--help"]]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0, argv
+    assert "key=value" in capsys.readouterr().out
+
+
+def test_dtype_takes_either_spelling():
+    parser = build_parser()
+    for spelling, dtype in [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp32", torch.float32),
+                            ("float16", torch.float16)]:
+        args = parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--dtype", spelling])
+        assert args.dtype == dtype
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", "a", "b", "--dtype", "int3"])
+
+
+def test_bad_configs_exit_2_naming_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[inputs]]\npath = "x"\n[executor]\nkind = "k8s"\n')
+    assert main(["data", "prepare", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.toml" in err and "`executor.kind`" in err and "Traceback" not in err
+    assert main(["pretrain", "--config", str(ROOT / "configs" / "train" / "tiny.toml"), "train.stepz=3"]) == 2
+    assert "unknown key `train.stepz`" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_pretrain_dry_run_prints_the_plan(capsys):
+    assert main(["pretrain", "--config", str(ROOT / "configs" / "train" / "gemma-2b.toml"), "--dry-run",
+                 "--world-size", "8", "train.grad_accum=2"]) == 0
+    out = capsys.readouterr().out
+    assert "gemma-2b: 2,506,172,416 parameters" in out and "x 2 micro-batches x 8 devices" in out
