@@ -24,10 +24,11 @@ bwrap:
 	@command -v bwrap >/dev/null || ($(SUDO) apt-get install -y bubblewrap || ($(SUDO) apt-get update && $(SUDO) apt-get install -y bubblewrap))
 
 # The tiny recipe so far: the built-in corpus filtered and packed (1 min), a tiny model pretrained on it (2-3 min on
-# 2 cores), text from it; then the real Gemma 3 270M. Each stage runs once (meta.json and result.json are written
-# last); a stopped pretraining resumes.
+# 2 cores), instruction-tuned on the built-in checkable tasks (3-4 min), text from both; then the real Gemma 3 270M.
+# Each stage runs once (meta.json and result.json are written last); a stopped stage resumes.
 DEMO_DATA := runs/data/builtin/tokens/meta.json
 DEMO_MODEL := runs/tiny/pretrain/result.json
+DEMO_SFT := runs/tiny/sft/result.json
 
 $(DEMO_DATA): | $(STAMP)
 	$(BIN)/gemmalab data prepare --config configs/data/builtin.toml
@@ -35,9 +36,14 @@ $(DEMO_DATA): | $(STAMP)
 $(DEMO_MODEL): $(DEMO_DATA)
 	$(BIN)/gemmalab pretrain --config configs/train/tiny.toml --resume
 
-demo: $(DEMO_MODEL) bwrap
+$(DEMO_SFT): $(DEMO_MODEL)
+	$(BIN)/gemmalab sft --config configs/sft/tiny.toml --resume
+
+demo: $(DEMO_SFT) bwrap
 	$(BIN)/gemmalab generate --model runs/tiny/pretrain/model --max-new-tokens 40 --temperature 0 \
 		--prompt "Find the greatest common divisor of 84 and 36 using the Euclidean algorithm."
+	$(BIN)/gemmalab generate --model runs/tiny/sft/model --chat --max-new-tokens 16 \
+		--prompt "Sort these digits from smallest to largest: 7, 2, 5"
 	$(BIN)/gemmalab generate --model gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
 
 test: $(STAMP) bwrap

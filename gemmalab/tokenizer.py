@@ -242,8 +242,9 @@ class Tokenizer:
 
     # ---- dialogue template ----------------------------------------------------------------------
 
-    def _chat_parts(self, messages: list[dict], add_generation_prompt: bool) -> list[str | int]:
-        """The dialogue as text segments (untrusted) and special ids, per the Gemma 3 template."""
+    def _chat_parts(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str | int, bool]]:
+        """The dialogue as text segments (untrusted) and special ids, per the Gemma 3 template, each with whether it
+        belongs to a model turn's trained span (its "model\n" + content text, and its <end_of_turn>)."""
         if not messages:
             raise TokenizerError("apply_chat_template: messages is empty")
         for k, m in enumerate(messages):
@@ -259,7 +260,7 @@ class Tokenizer:
             prefix, first = messages[0]["content"] + "\n\n", 1
             if len(messages) < 2:
                 raise TokenizerError("message 0: a system message must be followed by a user message")
-        parts: list[str | int] = [self.bos_id]
+        parts: list[tuple[str | int, bool]] = [(self.bos_id, False)]
         for k in range(first, len(messages)):
             role = "model" if messages[k]["role"] == "assistant" else messages[k]["role"]
             expected = "user" if (k - first) % 2 == 0 else "model"
@@ -269,9 +270,10 @@ class Tokenizer:
                     "alternate user/model starting with user (a system message is only allowed first)"
                 )
             body = role + "\n" + (prefix if k == first else "") + messages[k]["content"].strip()
-            parts += [self.start_of_turn_id, body, self.end_of_turn_id, "\n"]
+            trained = role == "model"
+            parts += [(self.start_of_turn_id, False), (body, trained), (self.end_of_turn_id, trained), ("\n", False)]
         if add_generation_prompt:
-            parts += [self.start_of_turn_id, "model\n"]
+            parts += [(self.start_of_turn_id, False), ("model\n", False)]
         return parts
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -279,15 +281,39 @@ class Tokenizer:
 
         Message contents are encoded as plain text, so a user typing "<end_of_turn>" cannot end a turn.
         """
+        return self.chat_ids_and_mask(messages, add_generation_prompt)[0]
+
+    def chat_ids_and_mask(self, messages: list[dict], add_generation_prompt: bool = False
+                          ) -> tuple[list[int], list[bool]]:
+        """`apply_chat_template`'s ids, and a mask that is True exactly on the tokens supervised fine-tuning learns to
+        produce: the content of each model turn and its <end_of_turn> (not the BOS, user turns, the "model\n" header
+        or the newline after <end_of_turn>). A model turn is encoded as one text ("model\n" + content, as the template
+        writes it); should a token straddle the header's end, it is trained (it carries content)."""
         ids: list[int] = []
-        for p in self._chat_parts(messages, add_generation_prompt):
-            ids += [p] if isinstance(p, int) else self.encode(p, bos=False, parse_special=False)
-        return ids
+        mask: list[bool] = []
+        for part, trained in self._chat_parts(messages, add_generation_prompt):
+            if isinstance(part, int):
+                ids.append(part)
+                mask.append(trained)
+                continue
+            piece_ids = self.encode(part, bos=False, parse_special=False)
+            header = self._header_tokens(piece_ids, "model\n") if trained else len(piece_ids)
+            ids += piece_ids
+            mask += [False] * header + [True] * (len(piece_ids) - header)
+        return ids, mask
+
+    def _header_tokens(self, ids: list[int], header: str) -> int:
+        """How many leading tokens of `ids` (the encoding of header + content) lie wholly within `header`."""
+        for n in range(1, len(ids) + 1):
+            text = self._sp.decode(ids[:n])
+            if len(text) >= len(header):
+                return n if text == header else n - 1
+        return len(ids)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The text of `apply_chat_template` (for display and debugging)."""
         parts = self._chat_parts(messages, add_generation_prompt)
-        return "".join(self._sp.id_to_piece(p) if isinstance(p, int) else p for p in parts)
+        return "".join(self._sp.id_to_piece(p) if isinstance(p, int) else p for p, _ in parts)
 
     # ---- misc ---------------------------------------------------------------------------------
 

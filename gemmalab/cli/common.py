@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,3 +72,33 @@ def require_tokenizer(tokenizer, ref):
     if tokenizer is None:
         raise GemmalabError(f"Model {ref} has no tokenizer (tokenizer.model); add one to the model directory.")
     return tokenizer
+
+
+def add_stage_args(p: argparse.ArgumentParser, example: str) -> None:
+    """The flags of a stage run from a config file: --config, key=value overrides, --out, --resume."""
+    p.add_argument("--config", required=True, help=f"TOML config, e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    p.add_argument("--out", help="run directory (default: the config's out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+
+def run_training(stage: Callable[[], dict], keys: tuple[str, ...]) -> int:
+    """Run a training stage (logging on, the process group torn down after): 143 when a signal stopped it (a
+    checkpoint was written; --resume continues), else 0 after printing its headline figures (rank 0)."""
+    import json
+    import logging
+    import os
+
+    from gemmalab.train.parallel import teardown
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = stage()
+    finally:
+        teardown()
+    if result["status"] == "interrupted":
+        return 143
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: result[k] for k in keys if k in result}))
+    return 0

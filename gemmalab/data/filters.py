@@ -105,7 +105,8 @@ class SafetyConfig:
 _PROFANITY = None
 
 
-def _profanity_scores(lines: list[str]) -> list[float]:
+def profanity_scores(lines: list[str]) -> list[float]:
+    """P(offensive) per line, from alt-profanity-check (its model ships in the wheel)."""
     global _PROFANITY
     if _PROFANITY is None:
         from profanity_check import predict_prob  # model ships in the wheel; ~1 s to load
@@ -166,7 +167,7 @@ class SafetyFilter(_CountingFilter):
                 lines = doc.text.split("\n")
                 pending.append((i, lines, [j for j, line in enumerate(lines) if any(c.isalpha() for c in line)]))
         flat = [lines[j] for _, lines, idx in pending for j in idx]
-        scores = _profanity_scores(flat) if flat else []
+        scores = profanity_scores(flat) if flat else []
         pos = 0
         for i, lines, idx in pending:
             results[i] = self._judge(batch[i], lines, idx, scores[pos : pos + len(idx)])

@@ -49,6 +49,7 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (stop token or string) or "length" (max_new_tokens)
     logprobs: list[float] | None = None  # log p(token) under the model (before temperature), one per id
+    stop_id: int | None = None  # the stop token that ended it (e.g. <end_of_turn>); None: a stop string or the length
 
 
 @dataclass
@@ -71,6 +72,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_id: int | None = None
 
 
 def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -117,18 +119,26 @@ _FROZEN_WEIGHTS_COMPILE = {"freezing": True, "max_autotune": True, "max_autotune
                            "max_autotune_report_choices_stats": False}
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode for the block; then every module gets back its own mode (a model being trained stays so,
+    and a module the caller had set apart keeps its mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _in_eval_mode(method):
-    """Run an Engine method with the model in eval mode, then give every module back its own mode."""
+    """Run an Engine method with its model in `eval_mode`."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return method(self, *args, **kwargs)
-        finally:
-            for m, training in modes:
-                m.training = training
 
     return wrapper
 
@@ -194,7 +204,7 @@ class Engine:
             self._run(rows, on_token)
             for r in rows:
                 results[r.index] = Completion(r.prompt, r.ids, r.stream.text, r.finish_reason,
-                                              r.logprobs if r.params.logprobs else None)
+                                              r.logprobs if r.params.logprobs else None, r.stop_id)
         return results
 
     def _row(self, index: int, prompt: list[int], params: SamplingParams) -> _Row:
@@ -262,7 +272,7 @@ class Engine:
             tok = greedy[b] if r.params.temperature <= 0 else sample_row(logits[b], r.params, r.generator)
             fed.append(tok)
             if tok in r.stop_ids:
-                r.finish_reason, delta = "stop", r.stream.flush()
+                r.finish_reason, r.stop_id, delta = "stop", tok, r.stream.flush()
             else:
                 r.ids.append(tok)
                 if logp is not None:

@@ -17,7 +17,7 @@ from gemmalab.dtypes import dtype_name
 from gemmalab.errors import GemmalabError
 from gemmalab.model.config import ModelConfig, get_preset
 
-__all__ = ["ModelSpec", "TrainSection", "CheckpointSection", "DebugSection", "DEFAULT_PRESET"]
+__all__ = ["ModelSpec", "TrainSection", "CheckpointSection", "DebugSection", "DEFAULT_PRESET", "resolve_run"]
 
 DEFAULT_PRESET = "tiny-gemma3"
 
@@ -127,3 +127,12 @@ class DebugSection:
 
     nan_steps: list[int] = field(default_factory=list)  # these (1-based) steps' activations become NaN
     hang_at_step: int = 0  # after this step, write OUT/hang-STEP and wait for a signal
+
+
+def resolve_run(cfg) -> None:
+    """What every training stage config settles once its sections are built (call it from `__post_init__`): the LR
+    schedule spans the run unless `optim.total_steps` says otherwise, and rows fit the model."""
+    cfg.optim = cfg.optim.for_run(cfg.train.steps)
+    if cfg.data.seq_len > cfg.model.config.max_seq_len:
+        raise GemmalabError(f"`data.seq_len` ({cfg.data.seq_len}) exceeds the model's max_seq_len "
+                            f"({cfg.model.config.max_seq_len})")

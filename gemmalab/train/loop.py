@@ -31,6 +31,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,12 +144,14 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def fit(self, model: nn.Module, objective: Objective, batches: Batches, *, seq_len: int,
-            tokenizer: Any = None, progress: bool | None = None) -> dict:
+            tokenizer: Any = None, progress: bool | None = None,
+            export_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> dict:
         """Train `model` (from `build_model`) for `train.steps` steps; returns the run's figures:
         {"status": "finished" | "interrupted", "steps", "tokens", "final_loss", "seconds", "tokens_per_s", "mfu",
         "params", "world_size", "device", "carbon", "model_dir"}. On SIGTERM it checkpoints at the next step
         boundary and returns with status "interrupted" (no carbon, no export). `seq_len` is the row length for
-        the FLOPs of attention in MFU; `tokenizer` goes into the exported model directory.
+        the FLOPs of attention in MFU; `tokenizer` goes into the exported model directory; `export_state` maps the
+        trained model's full state dict to a plain Gemma's (LoRA: the adapters merged into the weights).
         Raises GemmalabError after `train.max_bad_steps` non-finite steps in a row.
         """
         cfg, d, run = self.cfg, self.dist, self.run
@@ -285,7 +288,7 @@ class Trainer:
             return result
         result["carbon"] = carbon(elapsed, dataclasses.replace(cfg.carbon, num_devices=d.world_size))
         if cfg.checkpoint.export:
-            _export(model, mc, tokenizer, run.model_dir, d)
+            _export(model, mc, tokenizer, run.model_dir, d, export_state)
             result["model_dir"] = str(run.model_dir)
         return result
 
@@ -376,7 +379,7 @@ def _jsonable(obj: Any) -> Any:
     return None
 
 
-def _export(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo) -> None:
+def _export(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo, export_state=None) -> None:
     """The trained model as an HF model directory (rank 0 gathers the full fp32 weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -385,6 +388,8 @@ def _export(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo) -> No
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return
+    if export_state is not None:
+        full = export_state(full)
     with torch.device("meta"):
         plain = Gemma(mc)
     plain.load_state_dict({k: v.float() for k, v in full.items()}, assign=True)

@@ -63,9 +63,10 @@ def measure_cpu_flops(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...]
     best of all (so that a busy moment does not pass for the peak). Larger sizes are tried while the time spent
     stays under `budget_s` (bf16 without native support is 30x slower than fp32)."""
     best, start = 0.0, time.perf_counter()
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run has just restored it
     for size in sizes:
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
+        a = torch.randn(size, size, generator=gen).to(dtype)
+        b = torch.randn(size, size, generator=gen).to(dtype)
         a @ b  # warm-up: thread pool, kernel selection
         for _ in range(repeats):
             t0 = time.perf_counter()

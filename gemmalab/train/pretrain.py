@@ -22,7 +22,7 @@ from gemmalab.data.mixture import Mixture
 from gemmalab.dtypes import dtype_name
 from gemmalab.errors import GemmalabError
 from gemmalab.model.gemma import Gemma
-from gemmalab.train.config import DEFAULT_PRESET, CheckpointSection, DebugSection, ModelSpec, TrainSection
+from gemmalab.train.config import DEFAULT_PRESET, CheckpointSection, DebugSection, ModelSpec, TrainSection, resolve_run
 from gemmalab.train.loop import LossOutput, Trainer
 from gemmalab.train.metrics import CarbonConfig
 from gemmalab.train.optim import OptimConfig
@@ -67,10 +67,7 @@ class PretrainConfig:
     out_dir: str = "runs/tiny/pretrain"
 
     def __post_init__(self) -> None:
-        self.optim = self.optim.for_run(self.train.steps)  # the schedule spans the run unless told otherwise
-        if self.data.seq_len > self.model.config.max_seq_len:
-            raise GemmalabError(f"`data.seq_len` ({self.data.seq_len}) exceeds the model's max_seq_len "
-                                f"({self.model.config.max_seq_len})")
+        resolve_run(self)
 
 
 class NextTokenObjective:
