@@ -288,6 +288,22 @@ class Engine:
 
     @torch.inference_mode()
     @_in_eval_mode
+    def next_token_logprobs(self, prompts: list, token_ids: list[int]) -> list[list[float]]:
+        """log p(token | prompt) of each of `token_ids` as the token right after each prompt (a string, encoded
+        with BOS, or ids): one row per prompt, in the order of `token_ids`. Each prompt runs alone with logits at
+        its last position only, so a figure never depends on what else is asked (a judge's verdict stays put)."""
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = self._ids(prompt)
+            if len(ids) > self.model.config.max_seq_len:
+                raise GemmalabError(f"Prompt {i} ({len(ids)} tokens) exceeds this model's "
+                                    f"{self.model.config.max_seq_len} positions.")
+            logits = self.model(torch.tensor([ids], device=self.device), num_logits=1)[0, -1].float()  # [V]
+            out.append(torch.log_softmax(logits, -1)[torch.tensor(token_ids, device=self.device)].tolist())
+        return out
+
+    @torch.inference_mode()
+    @_in_eval_mode
     def score(self, pairs: list[tuple], batch_size: int | None = None, exact: bool = True) -> list[Score]:
         """log p(continuation | context) for (context, continuation) pairs of strings or id lists.
 
