@@ -127,3 +127,16 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """`obj` as JSON (UTF-8, a final newline), written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def stamp(path: str | Path) -> str | None:
+    """A short digest of the names, sizes and modification times of a file or of every file under a folder (None
+    if nothing is there): cheap, and it changes when weights are rewritten, so a resumed run can tell another model."""
+    import hashlib
+
+    p = Path(path)
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file()) if p.exists() else []
+    if not files:
+        return None
+    listing = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]

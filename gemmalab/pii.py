@@ -82,6 +82,13 @@ _SECRET_KEY_BEFORE = re.compile(
     r"private[_-]?key)[a-z0-9_]*[\"']?[ \t]*[:=]?$"
 )
 
+# Unquoted assignments in shell, .env and config syntax: `export AWS_SECRET_ACCESS_KEY=...`, `DB_PASSWORD: ...`; the
+# value is token-like (no brackets, quotes or `$`: code such as os.environ[...] is not a secret).
+_UNQUOTED_ASSIGNMENT = re.compile(
+    r"(?im)(?:^|[\s;])(?:export[ \t]+)?[a-z0-9_.-]*(?:api[_-]?key|secret|access[_-]?key|token|password|passwd|"
+    r"private[_-]?key)[a-z0-9_.-]*[ \t]*[:=][ \t]*([A-Za-z0-9+/=_.~-]{12,200})(?=$|[\s;,])"
+)
+
 # IBAN lengths by country (ISO 13616 registry, the common ones).
 _IBAN_LENGTHS = {
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29,
@@ -179,6 +186,10 @@ def _find_secrets(text: str) -> list[PiiMatch]:
         value = m.group(1)
         if _SECRET_KEY_BEFORE.search(text, max(0, m.start() - 64), m.start()) and _looks_random(value):
             out.append(PiiMatch("SECRET", m.start(1), m.end(1), value))
+    if "=" in text or ":" in text:
+        for m in _UNQUOTED_ASSIGNMENT.finditer(text):
+            if _looks_random(m.group(1)):
+                out.append(PiiMatch("SECRET", m.start(1), m.end(1), m.group(1)))
     return out
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemmalab.cli import chat, convert, data, evaluate, generate, pretrain, serve, sft, sxs, tokenize, tokenizer
+from gemmalab.cli import chat, convert, data, evaluate, generate, memorization, pretrain, serve, sft, sxs, tokenize, tokenizer
 from gemmalab.errors import GemmalabError
 
-COMMANDS = (generate, chat, serve, tokenize, convert, tokenizer, data, pretrain, sft, evaluate, sxs)
+COMMANDS = (generate, chat, serve, tokenize, convert, tokenizer, data, pretrain, sft, evaluate, sxs, memorization)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gemmalab.errors import GemmalabError
 from gemmalab.evaluate import winrate
 from gemmalab.evaluate.judges import HTTPJudge, HTTPJudgeSettings, Judge, LocalJudge, Pairing, ReferenceJudge
-from gemmalab.files import read_jsonl, write_json
+from gemmalab.files import read_jsonl, stamp, write_json
 from gemmalab.runs import RunDir, read_result
 
 __all__ = ["SxSPrompt", "SideConfig", "JudgeConfig", "SxSConfig", "BUILTIN_PROMPTS", "CATEGORIES", "read_prompts",
@@ -176,11 +176,8 @@ def model_of_run(ref: str) -> tuple[str, dict | None]:
 
 
 def _model_identity(ref: str) -> dict:
-    """The REF and, for files on disk, their sizes and modification times (changed weights are another model)."""
-    path = Path(ref)
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file()) if path.exists() else []
-    stamp = hashlib.sha256(json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]).encode())
-    return {"ref": ref, "files": stamp.hexdigest()[:16] if files else None}
+    """The REF and, for files on disk, a stamp of them (changed weights are another model)."""
+    return {"ref": ref, "files": stamp(ref)}
 
 
 def _side_fingerprint(side: SideConfig, ref: str, cfg: SxSConfig) -> dict:

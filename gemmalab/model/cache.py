@@ -100,3 +100,56 @@ class KVCache:
         if not self.ring:
             self.pos[True] = self.pos[False]
         self.next_pos = self.next_pos.index_select(0, rows)
+
+
+class RowCache:
+    """A KV cache whose rows are independent: each row keeps the key of position p in column p, so rows at
+    different positions share one batch, and a row can be refilled alone (`load_row`) while the others continue:
+    continuous batching for equal-capacity jobs (the memorization audit). Same interface as `KVCache` (begin,
+    write, end, next_pos); no sliding-window ring, sliding layers are masked by position instead.
+
+    A decode step feeds every row one token at its own next position; a row kept idle (`park`) writes position 0
+    again and again and is ignored.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.capacity = capacity
+        shape = (batch_size, config.n_kv_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._index: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_pos.shape[0]
+
+    def begin(self, key_pos: torch.Tensor) -> dict[bool, torch.Tensor]:
+        if int(key_pos.max()) >= self.capacity:
+            raise GemmalabError(f"RowCache is full: position {int(key_pos.max())}, capacity {self.capacity}.")
+        self._index = key_pos  # [B, T]: the columns this step writes
+        self.pos.scatter_(1, key_pos, key_pos)
+        return {False: self.pos, True: self.pos}
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self._index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, KV, T, hd]
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer], self.v[layer]
+
+    def end(self, n_real: torch.Tensor) -> None:
+        self.next_pos += n_real
+
+    def load_row(self, row: int, other: RowCache, other_row: int = 0) -> None:
+        """Row `row` becomes a copy of `other`'s row `other_row` (same config and capacity)."""
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine[row] = theirs[other_row]
+        self.pos[row] = other.pos[other_row]
+        self.next_pos[row] = other.next_pos[other_row]
+
+    def park(self, row: int) -> None:
+        """Row `row` holds nothing; its next token goes to position 0 and is ignored."""
+        self.pos[row] = -1
+        self.next_pos[row] = 0

@@ -1,0 +1,47 @@
+"""`gemmalab memorization`: the memorization audit (docs/memorization.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gemmalab.cli.common import dtype_arg, set_threads
+from gemmalab.dtypes import DTYPES
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("memorization", help="memorization audit: exact and approximate, by source, with PII (docs/memorization.md)")
+    p.add_argument("--model", required=True, help="model REF (directory, .gguf, gemma3-270m)")
+    p.add_argument("--corpus", required=True, help="token shard folder (meta.json) or JSONL documents")
+    p.add_argument("--samples", type=int, default=10000, help="per source")
+    p.add_argument("--prefix", type=int, default=50)
+    p.add_argument("--suffix", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offset", choices=["start", "random"], default="start", help="where in each document the prompt starts")
+    p.add_argument("--threshold", type=float, default=0.10, help="approximate: normalised token edit distance <= this")
+    p.add_argument("--no-prune", action="store_true", help="decode every row to the end (full distance distribution)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", type=Path, default=Path("runs/memorization"), help="run directory (resumes the audit it holds)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from gemmalab.evaluate.memorization import MemorizationConfig, memorization
+
+    cfg = MemorizationConfig(str(args.model), str(args.corpus), args.samples, args.prefix, args.suffix, args.seed,
+                             args.offset, args.threshold, not args.no_prune, args.batch_size, args.dtype, args.device)
+    set_threads(args.threads)
+    result = memorization(cfg, args.out, progress=not args.quiet)
+    print(f"{'source':<24}{'samples':>8}{'exact':>9}{'approx':>9}  {'approx 95% CI':<17}{'mean dist':>10}  PII (sensitive / personal)")
+    for name, s in result["sources"].items():
+        ci = f"[{s['approx_ci95'][0]:.4f}, {s['approx_ci95'][1]:.4f}]"
+        pii = f"{sum(s['pii']['sensitive'].values())} / {sum(s['pii']['personal'].values())}"
+        print(f"{name:<24}{s['samples']:>8}{s['exact_rate']:>9.4f}{s['approx_rate']:>9.4f}  {ci:<17}"
+              f"{s['mean_distance']:>10.3f}  {pii}")
+    print(f"wrote {args.out / 'result.json'}, {args.out / 'memorized.jsonl'} and {args.out / 'memorization.png'}")
