@@ -177,7 +177,7 @@ def _looks_random(value: str) -> bool:
 # --- detectors ------------------------------------------------------------------------------
 
 
-def _find_secrets(text: str) -> list[PiiMatch]:
+def _find_secrets(text: str, unquoted: bool = False) -> list[PiiMatch]:
     out = []
     for pat, anchors in zip(_SECRET_PATTERNS, _SECRET_ANCHORS):
         if any(a in text for a in anchors):
@@ -186,7 +186,7 @@ def _find_secrets(text: str) -> list[PiiMatch]:
         value = m.group(1)
         if _SECRET_KEY_BEFORE.search(text, max(0, m.start() - 64), m.start()) and _looks_random(value):
             out.append(PiiMatch("SECRET", m.start(1), m.end(1), value))
-    if "=" in text or ":" in text:
+    if unquoted and ("=" in text or ":" in text):
         for m in _UNQUOTED_ASSIGNMENT.finditer(text):
             if _looks_random(m.group(1)):
                 out.append(PiiMatch("SECRET", m.start(1), m.end(1), m.group(1)))
@@ -305,17 +305,20 @@ def _find_phones(text: str, region: str) -> list[PiiMatch]:
     return out
 
 
-def find_pii(text: str, kinds: tuple[str, ...] | None = None, region: str = "US") -> list[PiiMatch]:
+def find_pii(text: str, kinds: tuple[str, ...] | None = None, region: str = "US",
+             unquoted_secrets: bool = False) -> list[PiiMatch]:
     """Every validated PII span in `text`, sorted by start, overlaps resolved by kind priority.
 
     `kinds` limits detection to a subset of `KINDS`; `region` is the default phone region for
-    numbers written without a country code.
+    numbers written without a country code. `unquoted_secrets` also reports token-like values assigned to
+    credential-named variables without quotes (`export AWS_SECRET_ACCESS_KEY=...`, `DB_PASSWORD: ...`): the
+    memorization audit does; the data filters do not (the built-in shards, recorded byte for byte, predate it).
     """
     wanted = set(KINDS if kinds is None else kinds)
     unknown = wanted - set(KINDS)
     if unknown:
         raise ValueError(f"unknown PII kinds {sorted(unknown)}; known: {list(KINDS)}")
-    finders = {"SECRET": _find_secrets, "CARD": _find_cards, "IBAN": _find_ibans, "SSN": _find_ssns,
+    finders = {"SECRET": lambda t: _find_secrets(t, unquoted_secrets), "CARD": _find_cards, "IBAN": _find_ibans, "SSN": _find_ssns,
                "EMAIL": _find_emails, "IP": _find_ips, "PHONE": lambda t: _find_phones(t, region)}
     found: list[PiiMatch] = [m for kind, find in finders.items() if kind in wanted for m in find(text)]
     # Higher priority first, then longer spans; drop anything overlapping an accepted span.

@@ -323,7 +323,7 @@ def _pii_of(text: str) -> list[dict]:
     from gemmalab.pii import find_pii
 
     return [{"kind": m.kind, "class": "sensitive" if m.kind in SENSITIVE else "personal", "start": m.start,
-             "end": m.end, "text": m.text} for m in find_pii(text)]
+             "end": m.end, "text": m.text} for m in find_pii(text, unquoted_secrets=True)]
 
 
 def _figures(records: list[dict], samples: list[Sample], counts: dict, cfg: MemorizationConfig, tokenizer,
