@@ -64,19 +64,29 @@ def write_corpus(path: Path, seed: int) -> None:
     path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
-def transformers_baseline(gguf, samples, suffix: int, batch_size: int) -> tuple[list[list[int]], float]:
-    """Batched greedy generate of `suffix` tokens for every sample with transformers (the same prompt ids)."""
+def transformers_baseline(gguf, samples, suffix: int, batch_size: int, bos: int) -> tuple[list[list[int]], float]:
+    """Batched greedy generate of `suffix` tokens for every sample with transformers (the same prompt ids), then
+    nothing else: the comparison is done afterwards on whole continuations, as a plain audit would."""
+    import copy
+
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                           dtype=torch.float32).eval()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import _transformers_gguf_reading  # the same parsing, once per file (loading only)
+
+    with _transformers_gguf_reading():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                               dtype=torch.float32).eval()
+    # No EOS: all `suffix` tokens are the argmax, as in ours (min_new_tokens would instead mask EOS out of the argmax).
+    gc = copy.deepcopy(hf.generation_config)
+    gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens, gc.pad_token_id = None, False, suffix, None, 0
+    gc.top_k = gc.top_p = None
     out, started = [], time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            ids = torch.tensor([[2, *s.prompt] for s in chunk])  # Gemma's BOS, then the prefix
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=suffix, min_new_tokens=suffix,
-                              do_sample=False, pad_token_id=0)
+            ids = torch.tensor([[bos, *s.prompt] for s in chunk])  # BOS, then the prefix (all of one length)
+            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
             out += gen[:, ids.shape[1]:].tolist()
     return out, time.perf_counter() - started
 
@@ -106,7 +116,7 @@ def main() -> None:
     report["real_audit"] = {"seconds": round(time.perf_counter() - started, 1), "sources": {
         name: {k: s[k] for k in ("documents", "too_short", "samples", "exact_rate", "exact_ci95", "approx_rate",
                                  "approx_ci95", "char_approx_rate", "mean_distance", "mean_distance_ci95",
-                                 "distance_histogram", "pii")}
+                                 "mean_char_distance", "mean_char_distance_ci95", "distance_histogram", "pii")}
         for name, s in result["sources"].items()}}
 
     if args.compare:
@@ -116,13 +126,17 @@ def main() -> None:
         started = time.perf_counter()
         ours = {r["id"]: r for r in audit(model, tok, samples, pcfg)}
         ours_s = time.perf_counter() - started
-        theirs, theirs_s = transformers_baseline(gguf, samples, pcfg.suffix, args.batch_size)
+        theirs, theirs_s = transformers_baseline(gguf, samples, pcfg.suffix, args.batch_size, tok.bos_id)
         same = sum((ours[s.id]["exact"], ours[s.id]["approx"]) ==
                    tuple(classify(g, s.target, pcfg.max_distance)[k] for k in ("exact", "approx"))
                    for s, g in zip(samples, theirs))
-        report["compare"] = {"samples": len(samples), "identical_classifications": same, "ours_s": round(ours_s, 1),
+        # the tokens themselves, as far as ours decoded them (a pruned row stops early)
+        same_tokens = sum(ours[s.id]["generated"] == g[:len(ours[s.id]["generated"])] for s, g in zip(samples, theirs))
+        report["compare"] = {"samples": len(samples), "identical_classifications": same,
+                             "identical_tokens": same_tokens, "ours_s": round(ours_s, 1),
                              "transformers_s": round(theirs_s, 1), "speedup": round(theirs_s / ours_s, 2),
-                             "ours_pruned": sum(r["pruned"] for r in ours.values())}
+                             "ours_pruned": sum(r["pruned"] for r in ours.values()),
+                             "ours_mean_tokens": round(sum(len(r["generated"]) for r in ours.values()) / len(ours), 1)}
     if args.full:
         fcfg = MemorizationConfig(str(gguf), str(corpus), samples=args.full, batch_size=args.batch_size,
                                   offset="random")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gemmalab.data.canaries import CanaryConfig
 from gemmalab.data.decontam import BenchmarkSpec, DecontamConfig
 from gemmalab.data.dedup import DedupConfig
 from gemmalab.data.filters import (
@@ -17,7 +18,7 @@ from gemmalab.data.filters import (
 )
 from gemmalab.errors import GemmalabError
 
-__all__ = ["InputSpec", "ExecutorConfig", "PackConfig", "DataConfig", "BenchmarkSpec", "DecontamConfig", "DedupConfig", "LanguageConfig", "PiiConfig", "QualityConfig",
+__all__ = ["InputSpec", "ExecutorConfig", "PackConfig", "DataConfig", "CanaryConfig", "BenchmarkSpec", "DecontamConfig", "DedupConfig", "LanguageConfig", "PiiConfig", "QualityConfig",
            "QualityThresholds", "SafetyConfig"]
 
 
@@ -108,6 +109,7 @@ class DataConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)  # planted into the packed tokens; off by default
 
     def kinds(self) -> SourceKinds:
         return SourceKinds(kinds=dict(self.source_kinds))

@@ -5,7 +5,8 @@ Folder layout (the design.md "Token shards" contract)::
     tokens-00000.bin   uint32 little endian: each document as BOS, its ids, EOS, back to back
     index-00000.npy    int64 [num_docs, 3]: (start offset in this shard, length, source number)
     meta.json          tokenizer fingerprint, vocab size, seq_len, shards, docs/tokens per source,
-                       malformed input lines
+                       malformed input lines, and (only when planted) `canaries`
+    canaries.jsonl     only with canaries (gemmalab.data.canaries): one line per distinct canary
 
 A document never spans two shards. The source number indexes ``meta["source_names"]``.
 """
@@ -66,12 +67,16 @@ class PackMeta:
     malformed: int = 0
     unreadable: int = 0  # files that could not be read to the end (truncated gzip, invalid UTF-8)
     malformed_examples: list[str] = field(default_factory=list)
+    canaries: dict | None = None  # what gemmalab.data.canaries planted (source, repeats, copies, ...); None: nothing
     format: str = FORMAT
     dtype: str = "uint32"
     byte_order: str = "little"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+        raw = asdict(self)
+        if raw["canaries"] is None:  # absent unless planted: a folder packed without canaries is as it always was
+            del raw["canaries"]
+        return json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
 
 
 def read_meta(folder: str | Path) -> PackMeta:
@@ -218,13 +223,15 @@ class ShardWriter:
 
 
 def pack(documents: str | Path | Sequence[str | Path], tokenizer, out_dir: str | Path, *, seq_len: int = 8192,
-         shard_tokens: int = 2**27, source_field: str = "source", progress: bool = True) -> PackMeta:
+         shard_tokens: int = 2**27, source_field: str = "source", progress: bool = True, canaries=None) -> PackMeta:
     """Tokenize Documents JSONL into a token shard folder `out_dir`; returns what meta.json holds.
 
     Each document becomes BOS + ids + EOS (control-token text in documents stays plain text).
     Malformed lines are skipped, counted per file and quoted (the first 20) in meta.json, and
     logged; lines read = docs + empty + blank + malformed. `seq_len` is recorded as the loader's
     default; documents are never cut here. Re-running into the same folder replaces its content.
+    `canaries` (a `gemmalab.data.canaries.CanaryConfig` with `enabled`) plants canary documents after the
+    documents, as their own source; they are not counted in `lines` or `inputs`.
     """
     from tqdm.auto import tqdm
 
@@ -259,6 +266,11 @@ def pack(documents: str | Path | Sequence[str | Path], tokenizer, out_dir: str |
         for k in ("lines", "empty", "blank", "malformed", "unreadable"):
             setattr(meta, k, getattr(meta, k) + counts[k])
     bar.close()
+    (Path(out_dir) / "canaries.jsonl").unlink(missing_ok=True)  # from an earlier pack of this folder
+    if canaries is not None and canaries.enabled:
+        from gemmalab.data.canaries import plant
+
+        meta.canaries = plant(writer, tokenizer, canaries, out_dir)
     if meta.malformed or meta.unreadable:
         log.warning("pack: skipped %d malformed line(s); %d file(s) could not be read to the end; "
                     "see 'malformed_examples' in %s", meta.malformed, meta.unreadable, Path(out_dir) / META_FILE)

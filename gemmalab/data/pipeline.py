@@ -14,7 +14,8 @@ Stages whose dedup is switched off are left out. The same stages run on datatrov
 Slurm executor (`executor.kind`); local and Ray produce identical files for the same `tasks`.
 
 Output folder (a run directory, gemmalab.runs): `config.toml` (resolved), `documents/` (design-contract JSONL,
-one file per task), `data_card.json`, `decontamination.json`, `tokens/` (token shards, when packing),
+one file per task), `data_card.json`, `decontamination.json`, `tokens/` (token shards, when packing; with
+`[canaries] enabled`, generated canary documents are planted there after dedup, gemmalab.data.canaries),
 `tokenizer/` (when one is trained), `logs/<stage>/` (datatrove logs and stats), `work/` (intermediate files) and
 `result.json` (written last: stage "data", the document counts, the tokens packed).
 """
@@ -216,9 +217,11 @@ def finish(cfg: DataConfig, out_dir: str | Path, index: NgramIndex | None = None
 
         tokenizer = cfg.tokenizer or str(out / "tokenizer" / "tokenizer.model")
         meta = pack(sorted((out / "documents").glob("*.jsonl*")), load_tokenizer(tokenizer), out / "tokens",
-                    seq_len=cfg.pack.seq_len, shard_tokens=cfg.pack.shard_tokens)
+                    seq_len=cfg.pack.seq_len, shard_tokens=cfg.pack.shard_tokens, canaries=cfg.canaries)
         figures |= {"tokens": meta.num_tokens, "vocab_size": meta.vocab_size, "token_shards": str(out / "tokens"),
                     "tokenizer": tokenizer}
+        if meta.canaries is not None:  # planted after dedup, so every copy stays
+            figures["canaries"] = {k: meta.canaries[k] for k in ("source", "documents", "copies", "packed_tokens", "file")}
     RunDir(out, "data").write_result("finished", figures)
     return card
 
