@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from sxs import cpu  # noqa: E402
+from machine import cpu  # noqa: E402
 
 from gemmalab.evaluate.memorization import MemorizationConfig, audit, classify, draw_samples, load_corpus, memorization  # noqa: E402
 

@@ -11,23 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
+from machine import cpu
+
 from gemmalab.evaluate.sxs import JudgeConfig, SideConfig, SxSConfig, summary_lines, sxs
-
-
-def cpu() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("Flags")), [])
-    return f"{model}; " + " ".join(f for f in flags if f.startswith(("avx", "amx")))
 
 
 def main() -> None:

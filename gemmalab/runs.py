@@ -24,7 +24,7 @@ import torch
 from gemmalab.errors import GemmalabError
 from gemmalab.files import atomic_write, jsonl_lines, write_json
 
-__all__ = ["RunDir", "RecordLog", "MetricsLogger", "read_result"]
+__all__ = ["RunDir", "RecordLog", "MetricsLogger", "read_result", "keep_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,22 @@ def read_result(run_dir: str | Path) -> dict | None:
     if not isinstance(result, dict):
         raise GemmalabError(f"{path} must hold a JSON object.")
     return result
+
+
+def keep_settings(meta_path: str | Path, meta: dict, records: Iterable[str | Path], what: str,
+                  remedy: str = "that folder to start again") -> None:
+    """Refuse to continue records made with other settings: when `meta_path` and any of `records` exist, every key
+    of `meta` must equal the stored one (else a GemmalabError: "WHAT with other settings (KEYS differ). Use another
+    --out, or delete REMEDY."). Then `meta` is written to `meta_path`."""
+    path = Path(meta_path)
+    if path.is_file() and any(Path(r).is_file() for r in records):
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in meta if old.get(k) != meta[k]]
+        if changed:
+            raise GemmalabError(f"{what} with other settings ({', '.join(changed)} differ). Use another --out, or "
+                                f"delete {remedy}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, meta)
 
 
 class RecordLog:

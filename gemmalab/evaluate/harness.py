@@ -18,9 +18,8 @@ from gemmalab.errors import GemmalabError
 from gemmalab.evaluate.metrics import pass_at_k
 from gemmalab.evaluate.requests import generate_until, loglikelihoods
 from gemmalab.evaluate.tasks.base import Sample, Task
-from gemmalab.files import write_json
 from gemmalab.inference import Engine
-from gemmalab.runs import RunDir
+from gemmalab.runs import RunDir, keep_settings
 
 
 def evaluate(engine: Engine, tasks: list[Task], out: str | Path, *, model: str = "", limit: int | None = None,
@@ -79,13 +78,7 @@ def _run_task(engine, task, samples, run: RunDir, model, seed, sandbox_limits, p
     folder.mkdir(parents=True, exist_ok=True)
     path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}.meta.json"
     meta = _fingerprint(task, samples, model, seed)
-    if meta_path.exists() and path.exists():
-        old = json.loads(meta_path.read_text())
-        changed = [k for k in meta if old.get(k) != meta[k]]
-        if changed:
-            raise GemmalabError(f"{path} holds a run with other settings ({', '.join(changed)} differ). Use another "
-                                f"--out, or delete that file to start this task again.")
-    write_json(meta_path, meta)
+    keep_settings(meta_path, meta, [path], f"{path} holds a run", "that file to start this task again")
     with run.records(f"samples/{task.name}") as records:
         pending = [s for s in samples if s.id not in records.done]
         if task.kind == "generate":  # similar lengths batch together: less padding

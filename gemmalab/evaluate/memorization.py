@@ -36,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gemmalab.errors import GemmalabError
-from gemmalab.files import stamp, write_json
-from gemmalab.runs import RunDir
+from gemmalab.files import stamp
+from gemmalab.runs import RunDir, keep_settings
 
 from gemmalab.evaluate.edit_bounds import (char_lower_bound, classify, edit_row, first_row, stable_text,
                                            token_lower_bound)
@@ -362,14 +362,8 @@ def memorization(cfg: MemorizationConfig, out: str | Path, progress: bool = True
                             f"(documents per source: {per_source}).")
     run = RunDir(out, "memorization")
     meta, meta_path = _fingerprint(cfg, samples), Path(out) / "memorization.meta.json"
-    if meta_path.is_file() and (Path(out) / "samples.jsonl").is_file():
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
-        changed = [k for k in meta if old.get(k) != meta[k]]
-        if changed:
-            raise GemmalabError(f"{out} holds an audit with other settings ({', '.join(changed)} differ). Use another "
-                                "--out, or delete that folder to start again.")
+    keep_settings(meta_path, meta, [Path(out) / "samples.jsonl"], f"{out} holds an audit")
     run.snapshot(cfg)
-    write_json(meta_path, meta)
     with run.records("samples") as records:
         pending = [s for s in samples if s.id not in records.done]
         bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc="memorization", unit="sample",

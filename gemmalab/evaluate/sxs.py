@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from gemmalab.errors import GemmalabError
 from gemmalab.evaluate import winrate
 from gemmalab.evaluate.judges import HTTPJudge, HTTPJudgeSettings, Judge, LocalJudge, Pairing, ReferenceJudge
-from gemmalab.files import read_jsonl, stamp, write_json
-from gemmalab.runs import RunDir, read_result
+from gemmalab.files import read_jsonl, stamp
+from gemmalab.runs import RunDir, keep_settings, read_result
 
 __all__ = ["SxSPrompt", "SideConfig", "JudgeConfig", "SxSConfig", "BUILTIN_PROMPTS", "CATEGORIES", "read_prompts",
            "load_prompts", "sxs", "summary_lines", "model_of_run"]
@@ -243,19 +243,6 @@ def _make_judge(cfg: JudgeConfig, models: _Models) -> Judge:
     return LocalJudge(models.engine(ref), ref)
 
 
-def _check_meta(run: RunDir, meta: dict) -> None:
-    """Refuse to mix records made with other settings into this run (answers and verdicts separately)."""
-    path = run.path / "sxs.meta.json"
-    if path.is_file() and ((run.path / "answers.jsonl").is_file() or (run.path / "verdicts.jsonl").is_file()):
-        old = json.loads(path.read_text(encoding="utf-8"))
-        changed = [k for k in meta if old.get(k) != meta[k]]
-        if changed:
-            raise GemmalabError(f"{run.path} holds a side-by-side run with other settings ({', '.join(changed)} "
-                                "differ). Use another --out, or delete that folder to start again.")
-    run.create()
-    write_json(path, meta)
-
-
 def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | None = None) -> dict:
     """Run the side-by-side evaluation into run directory `out` (resuming what it holds) and return result.json.
 
@@ -277,7 +264,9 @@ def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | N
                       else {"kind": "http", "url": cfg.judge.url, "model": cfg.judge.api_model,
                             "max_tokens": cfg.judge.max_tokens} if cfg.judge.url
                       else {"kind": "reference"} if judge_ref is None else {"kind": "local", **_model_identity(judge_ref)})}
-    _check_meta(run, meta)
+    # answers and verdicts made with other settings are never mixed into this run
+    keep_settings(run.path / "sxs.meta.json", meta, [run.path / "answers.jsonl", run.path / "verdicts.jsonl"],
+                  f"{run.path} holds a side-by-side run")
     run.snapshot(cfg)
     models = _Models(cfg)
     timings = {}  # seconds spent in this invocation (a resumed run counts only what it did)
