@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemmalab.cli import chat, convert, data, evaluate, generate, memorization, pretrain, serve, sft, sxs, tokenize, tokenizer
+from gemmalab.cli import (chat, convert, data, evaluate, generate, memorization, pretrain, reward, rlhf, serve, sft, sxs,
+                          tokenize, tokenizer)
 from gemmalab.errors import GemmalabError
 
-COMMANDS = (generate, chat, serve, tokenize, convert, tokenizer, data, pretrain, sft, evaluate, sxs, memorization)
+COMMANDS = (generate, chat, serve, tokenize, convert, tokenizer, data, pretrain, sft, reward, rlhf, evaluate, sxs,
+            memorization)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # `key=value` overrides may follow other flags (`pretrain --config F --resume train.steps=9`)
+    if extra and getattr(args, "subcommand_args", None) is not None and args.overrides[:1] == ["score"]:
+        args.subcommand_args = extra  # `reward score --model ...`: its own flags, parsed by the command
+    elif extra:  # `key=value` overrides may follow other flags (`pretrain --config F --resume train.steps=9`)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:

@@ -176,18 +176,26 @@ def contains_reference(answer: str, reference: str) -> bool:
     return bool(ref) and re.search(rf"(?<!\w){re.escape(ref)}(?!\w)", _normal(answer)) is not None
 
 
+@dataclass(frozen=True)
 class ReferenceJudge:
-    """For prompts with a known answer: the answer that contains the reference wins; both or neither is a tie."""
+    """For prompts with a known answer: the answer that contains the reference wins; both or neither is a tie.
+    With `exact`, an answer must be the reference itself (case, punctuation and spacing aside): a checkable task's
+    judge, which an answer padded with repetitions of the right one does not fool."""
+
+    exact: bool = False
 
     def describe(self) -> dict:
-        return {"kind": "reference"}
+        return {"kind": "reference", **({"match": "exact"} if self.exact else {})}
+
+    def right(self, answer: str, reference: str) -> bool:
+        return _normal(answer) == _normal(reference) if self.exact else contains_reference(answer, reference)
 
     def judge(self, pairings: list[Pairing]) -> list[Verdict]:
         verdicts = []
         for p in pairings:
             if not p.reference:
                 raise GemmalabError("The reference judge needs a reference answer for every prompt it judges.")
-            a, b = contains_reference(p.a, p.reference), contains_reference(p.b, p.reference)
+            a, b = self.right(p.a, p.reference), self.right(p.b, p.reference)
             verdicts.append(Verdict("A" if a and not b else "B" if b and not a else "tie"))
         return verdicts
 

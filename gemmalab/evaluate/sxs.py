@@ -22,7 +22,9 @@ import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +41,9 @@ __all__ = ["SxSPrompt", "SideConfig", "JudgeConfig", "SxSConfig", "BUILTIN_PROMP
 BUILTIN_PROMPTS = Path(__file__).with_name("sxs_prompts.jsonl")
 CATEGORIES = ("instruction_following", "factuality", "creativity", "safety", "coding")
 ORDERS = ("ab", "ba")  # ab: the model's answer is A; ba: the baseline's is
+
+
+REFERENCE_JUDGES = ("reference", "reference-exact")
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ class SideConfig:
 
 @dataclass
 class JudgeConfig:
-    """The judge: a model REF (`model`), "reference" (known answers), or an OpenAI-compatible API (`url` + `api_model`)."""
+    """The judge: a model REF (`model`), "reference" (known answers: the answer that states it wins) or
+    "reference-exact" (the answer that is it wins), or an OpenAI-compatible API (`url` + `api_model`)."""
 
     model: str | None = None
     url: str | None = None
@@ -234,13 +240,14 @@ def _answer(engine, prompts: list[SxSPrompt], side: SideConfig, side_name: str) 
              "ended_turn": c.stop_id == tok.end_of_turn_id} for p, c in zip(prompts, completions)]
 
 
-def _make_judge(cfg: JudgeConfig, models: _Models) -> Judge:
+def make_judge(cfg: JudgeConfig, engine_of: Callable[[str], Any]) -> Judge:
+    """The judge `cfg` names; `engine_of(ref)` gives the inference engine of a model REF (a local judge)."""
     if cfg.url is not None:
         return HTTPJudge(cfg.http_settings())
-    if cfg.model == "reference":
-        return ReferenceJudge()
+    if cfg.model in REFERENCE_JUDGES:
+        return ReferenceJudge(exact=cfg.model == "reference-exact")
     ref, _ = model_of_run(cfg.model)
-    return LocalJudge(models.engine(ref), ref)
+    return LocalJudge(engine_of(ref), ref)
 
 
 def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | None = None) -> dict:
@@ -249,21 +256,21 @@ def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | N
     `judge` replaces the configured one (any object with `describe()` and `judge(pairings)`, see judges.py)."""
     started = time.perf_counter()
     prompts = load_prompts(cfg)
-    if judge is None and cfg.judge.model == "reference":
+    if judge is None and cfg.judge.model in REFERENCE_JUDGES:
         judged = [p for p in prompts if p.reference]
         if not judged:
             raise GemmalabError("The reference judge needs prompts with a `reference`; none of these has one.")
     else:
         judged = prompts
     refs = {name: model_of_run(getattr(cfg, name).model) for name in ("model", "baseline")}
-    judge_ref = None if cfg.judge.model in (None, "reference") else model_of_run(cfg.judge.model)[0]
+    judge_ref = None if cfg.judge.model in (None, *REFERENCE_JUDGES) else model_of_run(cfg.judge.model)[0]
     run = RunDir(out, "sxs")
     meta = {"prompts": _prompts_digest(judged),
             **{name: _side_fingerprint(getattr(cfg, name), refs[name][0], cfg) for name in refs},
             "judge": (judge.describe() if judge is not None
                       else {"kind": "http", "url": cfg.judge.url, "model": cfg.judge.api_model,
                             "max_tokens": cfg.judge.max_tokens} if cfg.judge.url
-                      else {"kind": "reference"} if judge_ref is None else {"kind": "local", **_model_identity(judge_ref)})}
+                      else ReferenceJudge(cfg.judge.model == "reference-exact").describe() if judge_ref is None else {"kind": "local", **_model_identity(judge_ref)})}
     # answers and verdicts made with other settings are never mixed into this run
     keep_settings(run.path / "sxs.meta.json", meta, [run.path / "answers.jsonl", run.path / "verdicts.jsonl"],
                   f"{run.path} holds a side-by-side run")
@@ -291,7 +298,7 @@ def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | N
     models.keep_only({judge_ref} if judge_ref and judge is None else set())
 
     phase = time.perf_counter()
-    judge = judge or _make_judge(cfg.judge, models)
+    judge = judge or make_judge(cfg.judge, models.engine)
     with run.records("verdicts", key="key") as verdicts:
         pending = [(p, order) for p in judged for order in ORDERS if f"{p.id}/{order}" not in verdicts.done]
         bar = tqdm(total=2 * len(judged), initial=2 * len(judged) - len(pending), desc="verdicts", unit="verdict",
@@ -315,7 +322,7 @@ def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | N
 
     rows = []
     for p in judged:
-        seen = [_in_model_terms(verdict[f"{p.id}/{order}"]["choice"], order) for order in ORDERS]
+        seen = [in_model_terms(verdict[f"{p.id}/{order}"]["choice"], order) for order in ORDERS]
         mine, theirs = answer[f"model/{p.id}"], answer[f"baseline/{p.id}"]
         rows.append({"prompt": p, "verdicts": [verdict[f"{p.id}/{o}"] for o in ORDERS], "seen": seen,
                      "outcome": winrate.combine(*seen), "flip": seen[0] != seen[1],
@@ -352,7 +359,7 @@ def sxs(cfg: SxSConfig, out: str | Path, progress: bool = True, judge: Judge | N
     return run.write_result("finished", result)
 
 
-def _in_model_terms(choice: str, order: str) -> str:
+def in_model_terms(choice: str, order: str) -> str:
     """A judge's "A" / "B" / "tie" as which side it preferred."""
     if choice == "tie":
         return winrate.TIE

@@ -52,7 +52,7 @@ from gemmalab.train.metrics import CarbonConfig, carbon, flops_per_token, memory
 from gemmalab.train.optim import OptimConfig, build_optimizer, build_scheduler
 from gemmalab.train.parallel import DistInfo, parallelize, setup_distributed
 
-__all__ = ["LossOutput", "Objective", "Batches", "LoopConfig", "Trainer"]
+__all__ = ["LossOutput", "Objective", "Batches", "LoopConfig", "Trainer", "StopFlag", "export_model", "jsonable"]
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Trainer:
 
         def checkpoint(at: int) -> None:
             state = {"step": at, "elapsed": elapsed, "tokens": tokens_done, "loader": batches.state_dict(),
-                     "scheduler": _jsonable(scheduler.state_dict()), "world_size": d.world_size}
+                     "scheduler": jsonable(scheduler.state_dict()), "world_size": d.world_size}
             save_checkpoint(run.checkpoints, at, model, optimizer, state, keep=cfg.checkpoint.keep)
 
         def mfu_of(tokens_per_s: float) -> float | None:
@@ -201,7 +201,7 @@ class Trainer:
         last_ckpt = step if self.start is not None else -1
         status = "finished"
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 while step < t.steps:
                     if stop.any_rank(d.device):
                         status = "interrupted"
@@ -288,7 +288,7 @@ class Trainer:
             return result
         result["carbon"] = carbon(elapsed, dataclasses.replace(cfg.carbon, num_devices=d.world_size))
         if cfg.checkpoint.export:
-            _export(model, mc, tokenizer, run.model_dir, d, export_state)
+            export_model(model, mc, tokenizer, run.model_dir, d, export_state)
             result["model_dir"] = str(run.model_dir)
         return result
 
@@ -334,14 +334,14 @@ def _peak(device: torch.device, dtype: torch.dtype, override: float | None) -> t
         return None, False
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM (and SIGINT) set a flag; the loop checkpoints at the next step boundary and returns."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -366,12 +366,12 @@ class _StopFlag:
         return flag
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Scheduler state as JSON (tensors to numbers, callables dropped: they are rebuilt from the config)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items() if not callable(v)}
+        return {str(k): jsonable(v) for k, v in obj.items() if not callable(v)}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -379,7 +379,7 @@ def _jsonable(obj: Any) -> Any:
     return None
 
 
-def _export(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo, export_state=None) -> None:
+def export_model(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo, export_state=None) -> None:
     """The trained model as an HF model directory (rank 0 gathers the full fp32 weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
