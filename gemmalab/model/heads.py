@@ -18,7 +18,8 @@ from torch import nn
 
 from gemmalab.errors import GemmalabError
 
-__all__ = ["REWARD_HEAD", "VALUE_HEAD", "add_head", "last_real_index", "sequence_scores", "token_values",
+__all__ = ["REWARD_HEAD", "VALUE_HEAD", "add_head", "last_real_index", "sequence_scores", "right_padded",
+           "score_rows", "token_values",
            "split_head", "save_head", "load_scored"]
 
 REWARD_HEAD = "reward_head"
@@ -62,6 +63,30 @@ def sequence_scores(model: nn.Module, tokens: torch.Tensor, attention_mask: torc
     h = _hidden(model, tokens, attention_mask)
     last = h[torch.arange(h.shape[0], device=h.device), last_real_index(mask)]  # [B, D]
     return head(last.float()).squeeze(-1)
+
+
+def right_padded(rows, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens and attention mask [B, T] of id lists (T: the longest)."""
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[b, :len(r)] = True
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def score_rows(model: nn.Module, rows, pad_id: int, batch_size: int = 32, name: str = REWARD_HEAD) -> list[float]:
+    """The head `name` of each id list (its last token), in right-padded batches of `batch_size`, in eval mode."""
+    from gemmalab.inference.engine import eval_mode
+
+    device, out = model.embed.weight.device, []
+    with eval_mode(model):
+        for s in range(0, len(rows), batch_size):
+            tokens, mask = right_padded(rows[s:s + batch_size], pad_id, device)
+            out += sequence_scores(model, tokens, mask, name).tolist()
+    return out
 
 
 def token_values(model: nn.Module, hidden: torch.Tensor, name: str = VALUE_HEAD) -> torch.Tensor:

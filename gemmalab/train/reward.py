@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from gemmalab.data.preferences import BuiltinPreferences, Preference, builtin_preferences, read_preferences, render_pair, scored_ids
 from gemmalab.errors import GemmalabError
 from gemmalab.files import atomic_write, read_jsonl
-from gemmalab.model.heads import REWARD_HEAD, add_head, save_head, sequence_scores, split_head
+from gemmalab.model.heads import REWARD_HEAD, add_head, right_padded, save_head, score_rows, sequence_scores, split_head
 from gemmalab.runs import RunDir
 from gemmalab.train.config import CheckpointSection, DebugSection, ModelSpec, TrainSection, resolve_run
 from gemmalab.train.loop import LossOutput, Trainer
@@ -81,13 +81,7 @@ class PairBatch:
 
 
 def pair_batch(pairs: Sequence[Pair], pad_id: int) -> PairBatch:
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    T = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-        attention[b, :len(r)] = True
+    tokens, attention = right_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return PairBatch(tokens, attention, torch.tensor([p.margin for p in pairs], dtype=torch.float32))
 
 
@@ -281,22 +275,9 @@ def pair_scores(model, pairs: Sequence[Pair], pad_id: int, batch_size: int = 32)
 
 def score(model, tokenizer, items: Sequence[tuple[list[dict] | str, str]], batch_size: int = 32) -> list[float]:
     """The reward of each (prompt, answer): the prompt a string (one user turn) or messages before the answer."""
-    from gemmalab.inference.engine import eval_mode
-
     rows = [scored_ids(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else list(p), a)
             for p, a in items]
-    device, out = model.embed.weight.device, []
-    with torch.no_grad(), eval_mode(model):
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            T = max(len(r) for r in chunk)
-            tokens = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-            attention = torch.zeros(len(chunk), T, dtype=torch.bool)
-            for b, r in enumerate(chunk):
-                tokens[b, :len(r)] = torch.tensor(r)
-                attention[b, :len(r)] = True
-            out += sequence_scores(model, tokens.to(device), attention.to(device)).tolist()
-    return out
+    return score_rows(model, rows, tokenizer.pad_id, batch_size)
 
 
 def _heldout(run: RunDir, when: str, model, pairs: list[Pair], cfg: RewardConfig, pad_id: int, reuse: bool,

@@ -52,7 +52,8 @@ from gemmalab.evaluate import winrate
 from gemmalab.evaluate.judges import Pairing
 from gemmalab.evaluate.sxs import JudgeConfig, in_model_terms, make_judge
 from gemmalab.files import atomic_write, read_jsonl
-from gemmalab.model.heads import REWARD_HEAD, VALUE_HEAD, add_head, load_scored, sequence_scores, split_head, token_values
+from gemmalab.model.heads import (REWARD_HEAD, VALUE_HEAD, add_head, load_scored, right_padded, score_rows, split_head,
+                                  token_values)
 from gemmalab.train import rl
 from gemmalab.train.checkpoint import load_checkpoint, save_checkpoint
 from gemmalab.train.config import CheckpointSection, DebugSection, ModelSpec, TrainSection, resolve_run
@@ -291,17 +292,6 @@ def _prompt_lines(path: str):
 # ---- scoring and log-probabilities ------------------------------------------------------------------
 
 
-def _padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded tokens and attention mask [B, T] of id lists."""
-    T = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[b, :len(r)] = True
-    return tokens.to(device), mask.to(device)
-
-
 class RewardModelScorer:
     """A reward model of `gemmalab reward` as a Scorer: its head at each sequence's last token, batched."""
 
@@ -315,17 +305,9 @@ class RewardModelScorer:
         model, tokenizer = load_scored(ref, REWARD_HEAD, torch.float32, device)
         return cls(model, tokenizer, batch_size)
 
-    @torch.no_grad()
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        from gemmalab.inference.engine import eval_mode
-
         rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        out = []
-        with eval_mode(self.model):
-            for s in range(0, len(rows), self.batch_size):
-                tokens, mask = _padded(rows[s:s + self.batch_size], self.tokenizer.pad_id, self.device)
-                out += sequence_scores(self.model, tokens, mask).tolist()
-        return out
+        return score_rows(self.model, rows, self.tokenizer.pad_id, self.batch_size)
 
 
 def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -384,7 +366,7 @@ def _rollouts(engine, prompts: list[RLPrompt], rlc: RLSection, seed: int, step: 
     responses = [c.ids + ([c.stop_id] if c.stop_id is not None else []) for c in outs]
     if any(not r for r in responses):  # an empty answer still has its stop token; the length limit is >= 1
         raise GemmalabError("a sampled answer has no tokens")
-    tokens, attention = _padded([p.ids + r for p, r in zip(rows, responses)], pad_id, device)
+    tokens, attention = right_padded([p.ids + r for p, r in zip(rows, responses)], pad_id, device)
     response = torch.zeros(len(rows), tokens.shape[1] - 1, dtype=torch.bool, device=device)
     for b, (p, r) in enumerate(zip(rows, responses)):
         response[b, len(p.ids) - 1:len(p.ids) - 1 + len(r)] = True  # targets of positions predicting the answer
