@@ -98,3 +98,25 @@ def tiny_tokenizer(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_tokenizer")
     (root / "text.txt").write_text("\n".join(lines) + "\n")
     return train_tokenizer([root / "text.txt"], 512, root / "out")
+
+
+def kill_9_and_resume(cmd: list[str], run: Path, step: int, cwd: Path, timeout: int = 300):
+    """Run `cmd` with `debug.hang_at_step=step`, SIGKILL it once it hangs there, then run it again with --resume;
+    returns the finished process (the caller compares its run directory with an uninterrupted one)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(cwd), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gemmalab", *cmd]
+    proc = subprocess.Popen([*cmd, f"debug.hang_at_step={step}"], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    while not (run / f"hang-{step}").exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return subprocess.run([*cmd, "--resume"], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

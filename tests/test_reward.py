@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_9_and_resume
 
 from gemmalab.config import load
 from gemmalab.data.instruct import is_correct
@@ -206,17 +202,7 @@ def test_reward_resumes_exactly_after_kill_9(start_model, tmp_path):
     finally:
         torch.set_num_threads(threads)
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gemmalab", "reward", "--config", str(config), "--out", str(run), "train.threads=1"]
-    proc = subprocess.Popen([*cmd, "debug.hang_at_step=4"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    while not (run / "hang-4").exists():
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run([*cmd, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = kill_9_and_resume(["reward", "--config", str(config), "--out", str(run), "train.threads=1"], run, 4, ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _losses(run) == _losses(tmp_path / "ref")
     resumed = json.loads((run / "result.json").read_text())

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_9_and_resume
 
 from gemmalab.config import load
 from gemmalab.errors import GemmalabError
@@ -243,17 +239,7 @@ def test_rlhf_resumes_exactly_after_kill_9(sft_model, reward_model, tmp_path):
     finally:
         torch.set_num_threads(threads)
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gemmalab", "rlhf", "--config", str(config), "--out", str(run), "train.threads=1"]
-    proc = subprocess.Popen([*cmd, "debug.hang_at_step=3"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    while not (run / "hang-3").exists():  # step 3 is past the checkpoint of step 2
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run([*cmd, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = kill_9_and_resume(["rlhf", "--config", str(config), "--out", str(run), "train.threads=1"], run, 3, ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _metrics(run) == _metrics(tmp_path / "ref")  # steps 1-4: samples, rewards, KL and losses bit for bit
     resumed = json.loads((run / "result.json").read_text())
