@@ -120,7 +120,8 @@ def test_guard_flags_a_rising_reward_with_a_falling_win_rate():
 
 @pytest.fixture(scope="module")
 def sft_model(tiny_tokenizer, tmp_path_factory):
-    """A tiny model briefly instruction-tuned on two built-in tasks (the format, in a few seconds)."""
+    """A tiny model briefly instruction-tuned on two built-in tasks: it ends its turns and answers some right (about
+    a fifth: yes/no and one of two numbers), so a judge can see it get worse."""
     from gemmalab.checkpoint import save_hf
     from gemmalab.model import Gemma, get_preset
     from gemmalab.train.sft import SFTConfig, sft
@@ -130,9 +131,9 @@ def sft_model(tiny_tokenizer, tmp_path_factory):
     model.init_weights(std=0.02, seed=3)
     start = save_hf(model, root / "start", tiny_tokenizer)
     cfg = load(SFTConfig, None, [f'model.init_from="{start}"', "data.builtin.train=600", "data.builtin.heldout=16",
-                                 'data.builtin.tasks=["brackets", "repeat"]', "data.filters.near_dedup=false",
+                                 'data.builtin.tasks=["greater", "larger"]', "data.filters.near_dedup=false",
                                  "data.batch_size=8", "data.seq_len=96", "optim.lr=3e-3", "optim.warmup_steps=5",
-                                 "train.steps=30", "checkpoint.every=0", "heldout.max_new_tokens=12"])
+                                 "train.steps=40", "checkpoint.every=0", "heldout.max_new_tokens=12"])
     sft(cfg, root / "sft", progress=False)
     return root / "sft" / "model"
 
@@ -168,7 +169,7 @@ batch_size = 32
 [data.builtin]
 train = 600
 heldout = 16
-tasks = ["brackets", "repeat"]
+tasks = ["greater", "larger"]
 
 [rlhf]
 prompts_per_step = 4
@@ -179,6 +180,7 @@ minibatch_size = 4
 [guard]
 judge_every = 2
 judge_prompts = 8
+win_drop = 1.0  # a random reward model: these runs are about the steps, not the guard
 
 [optim]
 lr = 1e-4
@@ -245,3 +247,20 @@ def test_rlhf_resumes_exactly_after_kill_9(sft_model, reward_model, tmp_path):
     resumed = json.loads((run / "result.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "reward_after", "kl", "judge_win_rate"):
         assert resumed[key] == reference[key], key
+
+
+def test_a_length_rewarding_reward_model_is_caught_by_the_judge(sft_model, reward_model, tmp_path):
+    """A planted reward model that pays for length alone: the answers grow, the exact judge sees them lose to the
+    SFT model's while the score rises, and the run is flagged and stopped with the SFT model (step 0) as its best."""
+    cfg = load(RLHFConfig, _config(tmp_path, sft_model, reward_model),
+               ["guard.win_drop=0.05", "guard.judge_prompts=16", "guard.kl_ceiling=1e9", "rlhf.beta=0.0",
+                "reward.missing_eot_penalty=0.0", "optim.lr=2e-3", "train.steps=30", "checkpoint.every=0"])
+    result = rlhf(cfg, tmp_path / "run", progress=False, reward=lambda prompts, answers: [len(a) / 4 for a in answers])
+    assert result["status"] == "stopped" and result["steps"] < 30
+    assert result["stopped_by_guard"].startswith("reward hacking"), result["stopped_by_guard"]
+    last = result["guard_checks"][-1]
+    assert last["flagged"] and last["win_rate"] < 0.5 - 0.05 and last["score"] > last["best_score"]
+    assert result["best_step"] == 0 and result["accuracy_after"] == result["accuracy_before"]  # OUT/model: the best
+    rows = _metrics(tmp_path / "run")
+    assert rows[-1]["length"] > rows[0]["length"]
+    assert (tmp_path / "run" / "model" / "config.json").exists()

@@ -725,7 +725,7 @@ def _step(policy, reference, reward: Scorer, engine, train: list[RLPrompt], cfg:
                 vf = rl.ppo_value_loss(new["values"], old["values"][idx], returns[idx], mask[idx], rlc.value_clip)
                 n = mask[idx].sum().clamp(min=1)
                 loss = (pg + rlc.vf_coef * vf) / n
-                value_losses.append(float(vf / n))
+                value_losses.append(float(vf.detach() / n))
                 counted += int(n)
             else:
                 pg, n_clip = rl.rloo_loss(new["logp"].sum(-1), old_seq[idx], advantages[idx], rlc.clip)
