@@ -24,11 +24,14 @@ bwrap:
 	@command -v bwrap >/dev/null || ($(SUDO) apt-get install -y bubblewrap || ($(SUDO) apt-get update && $(SUDO) apt-get install -y bubblewrap))
 
 # The tiny recipe so far: the built-in corpus filtered and packed (1 min), a tiny model pretrained on it (2-3 min on
-# 2 cores), instruction-tuned on the built-in checkable tasks (3-4 min), text from both; then the real Gemma 3 270M.
+# 2 cores), instruction-tuned on the built-in checkable tasks (1-4 min), a reward model on built-in preference pairs
+# (about 2 min), RLHF against it (a few min), text from the models; then the real Gemma 3 270M.
 # Each stage runs once (meta.json and result.json are written last); a stopped stage resumes.
 DEMO_DATA := runs/data/builtin/tokens/meta.json
 DEMO_MODEL := runs/tiny/pretrain/result.json
 DEMO_SFT := runs/tiny/sft/result.json
+DEMO_REWARD := runs/tiny/reward/result.json
+DEMO_RLHF := runs/tiny/rlhf/result.json
 
 $(DEMO_DATA): | $(STAMP)
 	$(BIN)/gemmalab data prepare --config configs/data/builtin.toml
@@ -39,10 +42,18 @@ $(DEMO_MODEL): $(DEMO_DATA)
 $(DEMO_SFT): $(DEMO_MODEL)
 	$(BIN)/gemmalab sft --config configs/sft/tiny.toml --resume
 
-demo: $(DEMO_SFT) bwrap
+$(DEMO_REWARD): $(DEMO_SFT)
+	$(BIN)/gemmalab reward --config configs/reward/tiny.toml --resume
+
+$(DEMO_RLHF): $(DEMO_REWARD)
+	$(BIN)/gemmalab rlhf --config configs/rlhf/tiny.toml --resume
+
+demo: $(DEMO_RLHF) bwrap
 	$(BIN)/gemmalab generate --model runs/tiny/pretrain/model --max-new-tokens 40 --temperature 0 \
 		--prompt "Find the greatest common divisor of 84 and 36 using the Euclidean algorithm."
 	$(BIN)/gemmalab generate --model runs/tiny/sft/model --chat --max-new-tokens 16 \
+		--prompt "Sort these digits from smallest to largest: 7, 2, 5"
+	$(BIN)/gemmalab generate --model runs/tiny/rlhf/model --chat --max-new-tokens 16 \
 		--prompt "Sort these digits from smallest to largest: 7, 2, 5"
 	$(BIN)/gemmalab generate --model gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
 
