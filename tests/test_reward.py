@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,36 @@ def test_builtin_pairs_are_disjoint_wrong_and_of_every_kind():
         BuiltinPreferences(kinds=["rude"])
 
 
+def test_sampled_pairs_take_the_models_own_wrong_answers():
+    """Kind "sampled": the first wrong answer in `sample_attempts` tries; right or empty tries are retried, and a
+    prompt the model always gets right falls back to a made-up wrong answer."""
+    calls = []
+
+    def sample(prompts, attempt):
+        calls.append((len(prompts), attempt))
+        out = []
+        for p in prompts:
+            text = p[-1]["content"]
+            if "greater" in text:  # always right: "yes"/"no" as the check wants
+                a, b = map(int, re.findall(r"\d+", text))
+                out.append("yes" if a > b else "no")
+            else:  # brackets: empty first, then a wrong word
+                out.append("" if attempt == 0 else "[nothing]")
+        return out
+
+    cfg = BuiltinPreferences(train=40, heldout=10, tasks=["greater", "brackets"], kinds=["sampled"], sample_attempts=3)
+    train, heldout = builtin_preferences(cfg, sample)
+    for p in train + heldout:
+        assert not is_correct(p.rejected, p.chosen)
+        if p.prompt[0]["content"].startswith("Put the word"):
+            assert (p.kind, p.rejected) == ("sampled", "[nothing]")
+        else:
+            assert p.kind == "wrong"  # every try was right
+    assert [a for _, a in calls] == [0, 1, 2, 0, 1, 2]  # train, then held-out; greater prompts retried to the end
+    with pytest.raises(GemmalabError, match="need a model"):
+        builtin_preferences(cfg)
+
+
 # ---- the stage --------------------------------------------------------------------------------------
 
 
@@ -195,16 +226,21 @@ def test_the_stage_learns_saves_its_head_and_scores(start_model, tiny_tokenizer,
 
 
 def test_reward_resumes_exactly_after_kill_9(start_model, tmp_path):
+    """With pairs of every kind, "sampled" included: the model's own answers are drawn again on resume, the same."""
     config = _config(tmp_path, start_model)
+    config.write_text(config.read_text().replace('kinds = ["badly_formatted", "truncated"]',
+                                                 'kinds = ["badly_formatted", "truncated", "sampled"]\nsample_tokens = 6'))
     threads = torch.get_num_threads()
     try:
         reference = reward(load(RewardConfig, config, ["train.threads=1"]), tmp_path / "ref", progress=False)
     finally:
         torch.set_num_threads(threads)
+    assert reference["heldout_accuracy_by_kind"]["before"].get("sampled") is not None
     run = tmp_path / "run"
     done = kill_9_and_resume(["reward", "--config", str(config), "--out", str(run), "train.threads=1"], run, 4, ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _losses(run) == _losses(tmp_path / "ref")
+    assert (run / "heldout_before.jsonl").read_text() == (tmp_path / "ref" / "heldout_before.jsonl").read_text()
     resumed = json.loads((run / "result.json").read_text())
     assert (resumed["heldout_accuracy_before"], resumed["heldout_accuracy"]) == (
         reference["heldout_accuracy_before"], reference["heldout_accuracy"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +22,13 @@ from gemmalab.data.instruct import TASKS, WORDS, BuiltinTasks, builtin_dialogues
 from gemmalab.errors import GemmalabError
 from gemmalab.files import jsonl_lines
 
-__all__ = ["Preference", "BuiltinPreferences", "REJECTED_KINDS", "read_preferences", "builtin_preferences",
-           "scored_ids", "render_pair"]
+__all__ = ["Preference", "BuiltinPreferences", "REJECTED_KINDS", "Sampler", "read_preferences",
+           "builtin_preferences", "scored_ids", "render_pair"]
 
-REJECTED_KINDS = ("wrong", "truncated", "badly_formatted")
+REJECTED_KINDS = ("wrong", "truncated", "badly_formatted", "sampled")
+
+# prompts (message lists) and an attempt number -> one sampled answer per prompt (gemmalab.train.reward: a model's)
+Sampler = Callable[[list[list[dict]], int], list[str]]
 
 
 @dataclass
@@ -99,19 +102,24 @@ def read_preferences(path: str | Path) -> Iterator[tuple[str, Preference | None,
 @dataclass
 class BuiltinPreferences:
     """`[data.builtin]` of a reward config: pairs made from the checkable tasks (gemmalab.data.instruct), the right
-    answer preferred over a wrong, a truncated or a badly formatted one. The split is the tasks' own (no prompt in
-    both), so the same seed as the SFT run keeps its held-out prompts held out."""
+    answer preferred over a wrong, a truncated or a badly formatted one, or (kind "sampled") over a wrong answer the
+    model itself gives (the errors a policy starting from that model makes). The split is the tasks' own (no prompt
+    in both), so the same seed as the SFT run keeps its held-out prompts held out."""
 
     train: int = 4000
     heldout: int = 200
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    kinds: list[str] = field(default_factory=lambda: list(REJECTED_KINDS))
+    kinds: list[str] = field(default_factory=lambda: ["wrong", "truncated", "badly_formatted"])
+    sample_attempts: int = 4  # "sampled": answers drawn per prompt until one is wrong (else a made-up wrong one)
+    sample_tokens: int = 32  # "sampled": new tokens at most per answer
 
     def __post_init__(self) -> None:
         BuiltinTasks(self.train, self.heldout, self.seed, self.tasks)  # validates
         if not self.kinds or set(self.kinds) - set(REJECTED_KINDS):
             raise GemmalabError(f"`kinds` must name some of {', '.join(REJECTED_KINDS)}, got {self.kinds}")
+        if self.sample_attempts < 1 or self.sample_tokens < 1:
+            raise GemmalabError("`sample_attempts` and `sample_tokens` must be >= 1")
 
 
 def _wrong(answer: str, r: random.Random, prompt: str = "") -> str:
@@ -163,21 +171,45 @@ def _rejected(answer: str, kind: str, r: random.Random, prompt: str) -> tuple[st
     return _wrong(answer, r, prompt), "wrong"
 
 
-def builtin_preferences(cfg: BuiltinPreferences) -> tuple[list[Preference], list[Preference]]:
+def builtin_preferences(cfg: BuiltinPreferences, sample: Sampler | None = None
+                        ) -> tuple[list[Preference], list[Preference]]:
     """(train, held-out) pairs: each example of the built-in tasks' split with a seeded rejected answer of a kind
-    drawn from `kinds`; every rejected answer fails the task's check."""
+    drawn from `kinds`; every rejected answer fails the task's check. Kind "sampled" takes the first wrong answer of
+    `sample` in `sample_attempts` tries (a made-up wrong one, counted as "wrong", when every try was right)."""
+    if "sampled" in cfg.kinds and sample is None:
+        raise GemmalabError('`kinds` has "sampled": the pairs need a model to sample answers from')
     train, heldout = builtin_dialogues(BuiltinTasks(cfg.train, cfg.heldout, cfg.seed, cfg.tasks))
     out = []
     for name, examples in (("train", train), ("heldout", heldout)):
         r = random.Random(f"preferences/{cfg.seed}/{name}")  # the held-out pairs do not depend on `train`
+        drawn = [r.choice(cfg.kinds) for _ in examples]
+        to_sample = [i for i, k in enumerate(drawn) if k == "sampled"]
+        sampled = dict(zip(to_sample, _sampled_wrong([examples[i] for i in to_sample], sample, cfg.sample_attempts)))
         pairs = []
-        for i, e in enumerate(examples):
-            rejected, kind = _rejected(e["answer"], r.choice(cfg.kinds), r, e["prompt"])
+        for i, (e, kind) in enumerate(zip(examples, drawn)):
+            if sampled.get(i) is not None:
+                rejected = sampled[i]
+            else:
+                rejected, kind = _rejected(e["answer"], "wrong" if kind == "sampled" else kind, r, e["prompt"])
             assert not is_correct(rejected, e["answer"]), (e, rejected)
             pairs.append(Preference(e["messages"][:-1], e["answer"], rejected, f"builtin:{name}:{e['task']}:{i}",
                                     kind=kind))
         out.append(pairs)
     return out[0], out[1]
+
+
+def _sampled_wrong(examples: list[dict], sample: Sampler | None, attempts: int) -> list[str | None]:
+    """Per example, the first sampled answer that fails its check (None: every attempt was right or empty)."""
+    found: list[str | None] = [None] * len(examples)
+    for attempt in range(attempts):
+        todo = [i for i, f in enumerate(found) if f is None]
+        if not todo:
+            break
+        answers = sample([examples[i]["messages"][:-1] for i in todo], attempt)
+        for i, a in zip(todo, answers):
+            if a.strip() and not is_correct(a, examples[i]["answer"]):
+                found[i] = a
+    return found
 
 
 # ---- ids -------------------------------------------------------------------------------------------------------

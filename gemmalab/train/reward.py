@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gemmalab.data.preferences import BuiltinPreferences, Preference, builtin_preferences, read_preferences, render_pair, scored_ids
+from gemmalab.data.preferences import (BuiltinPreferences, Preference, Sampler, builtin_preferences, read_preferences,
+                                       render_pair, scored_ids)
 from gemmalab.errors import GemmalabError
 from gemmalab.files import atomic_write, read_jsonl
 from gemmalab.model.heads import REWARD_HEAD, add_head, right_padded, save_head, score_rows, sequence_scores, split_head
@@ -39,7 +41,7 @@ from gemmalab.train.metrics import CarbonConfig
 from gemmalab.train.optim import OptimConfig
 
 __all__ = ["bt_loss", "Pair", "PairBatch", "PreferenceBatches", "BradleyTerryObjective", "RewardData",
-           "RewardSection", "RewardConfig", "reward", "score", "pair_scores"]
+           "RewardSection", "RewardConfig", "reward", "score", "pair_scores", "model_sampler"]
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -204,7 +206,28 @@ class RewardConfig:
 # ---- data ------------------------------------------------------------------------------------------
 
 
-def _pairs(cfg: RewardConfig, tokenizer) -> tuple[list[Pair], list[Pair], dict]:
+def model_sampler(model, tokenizer, max_new_tokens: int, seed: int = 0, batch_size: int = 64) -> Sampler:
+    """A Sampler of the built-in pairs' "sampled" kind: `model`'s answers at temperature 1, each seeded by its prompt,
+    the attempt and `seed` (the same pairs on every run and every rank)."""
+    from gemmalab.inference import Engine, SamplingParams
+
+    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+
+    def sample(prompts: list[list[dict]], attempt: int) -> list[str]:
+        ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0,
+                                 seed=zlib.crc32(f"{seed}/{attempt}/{json.dumps(p)}".encode())) for p in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            return [c.text for c in engine.generate(ids, params)]
+        finally:
+            model.train(was_training)
+
+    return sample
+
+
+def _pairs(cfg: RewardConfig, tokenizer, sample: Sampler | None = None) -> tuple[list[Pair], list[Pair], dict]:
     """(train pairs, held-out pairs, counts). Counts reconcile: read = malformed + dropped by reason + kept."""
     data = cfg.data
     counts = {"pairs_read": 0, "malformed_lines": 0, "malformed_examples": [], "dropped": Counter()}
@@ -231,7 +254,7 @@ def _pairs(cfg: RewardConfig, tokenizer) -> tuple[list[Pair], list[Pair], dict]:
         heldout = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
     if data.builtin is not None:
-        built_train, built_held = builtin_preferences(data.builtin)
+        built_train, built_held = builtin_preferences(data.builtin, sample)
         counts["pairs_read"] += len(built_train) + len(built_held)
         train, heldout = train + built_train, heldout + built_held
 
@@ -318,7 +341,11 @@ def reward(cfg: RewardConfig, out: str | Path | None = None, resume: bool = Fals
     model, tokenizer = trainer.build_model()
     if tokenizer is None:
         raise GemmalabError("A reward model needs a tokenizer: set model.init_from to a model that has one.")
-    train, heldout, counts = _pairs(cfg, tokenizer)
+    builtin = cfg.data.builtin
+    sample = None
+    if builtin is not None and "sampled" in builtin.kinds:  # the trunk's own wrong answers, before it has a head
+        sample = model_sampler(model, tokenizer, builtin.sample_tokens, builtin.seed, cfg.reward.eval_batch_size)
+    train, heldout, counts = _pairs(cfg, tokenizer, sample)
     add_head(model, REWARD_HEAD, seed=cfg.reward.head_seed)  # before fit: checkpoints hold it, resume restores it
     before = _heldout(run, "before", model, heldout, cfg, tokenizer.pad_id, reuse=True, write=d.is_main)
     batches = PreferenceBatches(train, cfg.data.batch_size, pad_id=tokenizer.pad_id, seed=cfg.data.seed, rank=d.rank,
