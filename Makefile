@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench bwrap
+.PHONY: demo test install clean bench bwrap browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,41 +23,26 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo
 bwrap:
 	@command -v bwrap >/dev/null || ($(SUDO) apt-get install -y bubblewrap || ($(SUDO) apt-get update && $(SUDO) apt-get install -y bubblewrap))
 
-# The tiny recipe so far: the built-in corpus filtered and packed (1 min), a tiny model pretrained on it (2-3 min on
-# 2 cores), instruction-tuned on the built-in checkable tasks (1-4 min), a reward model on built-in preference pairs
-# (about 2 min), RLHF against it (a few min), text from the models; then the real Gemma 3 270M.
-# Each stage runs once (meta.json and result.json are written last); a stopped stage resumes.
-DEMO_DATA := runs/data/builtin/tokens/meta.json
-DEMO_MODEL := runs/tiny/pretrain/result.json
-DEMO_SFT := runs/tiny/sft/result.json
-DEMO_REWARD := runs/tiny/reward/result.json
-DEMO_RLHF := runs/tiny/rlhf/result.json
+# Chromium opens the recipe's report in a test (tests/test_recipe.py): headless, from Debian.
+browser:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get install -y --no-install-recommends chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium))
 
-$(DEMO_DATA): | $(STAMP)
-	$(BIN)/gemmalab data prepare --config configs/data/builtin.toml
+# The tiny recipe (configs/recipes/tiny.toml, docs/recipe.md): the built-in corpus filtered and packed, a tiny model
+# pretrained on it, instruction-tuned on the built-in checkable tasks, a reward model and RLHF, benchmarks, side by
+# side and the memorization audit, then the report and the model card; about 8 minutes on 2 cores. A rerun skips
+# the finished stages (a stopped one resumes). Then text from the models and from the real Gemma 3 270M.
+TINY := runs/tiny-recipe
 
-$(DEMO_MODEL): $(DEMO_DATA)
-	$(BIN)/gemmalab pretrain --config configs/train/tiny.toml --resume
-
-$(DEMO_SFT): $(DEMO_MODEL)
-	$(BIN)/gemmalab sft --config configs/sft/tiny.toml --resume
-
-$(DEMO_REWARD): $(DEMO_SFT)
-	$(BIN)/gemmalab reward --config configs/reward/tiny.toml --resume
-
-$(DEMO_RLHF): $(DEMO_REWARD)
-	$(BIN)/gemmalab rlhf --config configs/rlhf/tiny.toml --resume
-
-demo: $(DEMO_RLHF) bwrap
-	$(BIN)/gemmalab generate --model runs/tiny/pretrain/model --max-new-tokens 40 --temperature 0 \
+demo: $(STAMP) bwrap
+	$(BIN)/gemmalab recipe --config configs/recipes/tiny.toml --out $(TINY)
+	$(BIN)/gemmalab generate --model $(TINY)/pretrain/model --max-new-tokens 40 --temperature 0 \
 		--prompt "Find the greatest common divisor of 84 and 36 using the Euclidean algorithm."
-	$(BIN)/gemmalab generate --model runs/tiny/sft/model --chat --max-new-tokens 16 \
-		--prompt "Sort these digits from smallest to largest: 7, 2, 5"
-	$(BIN)/gemmalab generate --model runs/tiny/rlhf/model --chat --max-new-tokens 16 \
+	$(BIN)/gemmalab generate --model $(TINY)/rlhf/model --chat --max-new-tokens 16 \
 		--prompt "Sort these digits from smallest to largest: 7, 2, 5"
 	$(BIN)/gemmalab generate --model gemma3-270m --prompt "The capital of France is" --max-new-tokens 32
+	@echo "report: $(TINY)/report.html   model card: $(TINY)/MODEL_CARD.md"
 
-test: $(STAMP) bwrap
+test: $(STAMP) bwrap browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

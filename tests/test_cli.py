@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_command_has_help(capsys):
     names = set(build_parser()._subparsers._group_actions[0].choices)
-    assert names == {"generate", "chat", "serve", "tokenize", "convert", "tokenizer", "data", "pretrain", "sft", "reward", "rlhf", "eval", "sxs", "memorization"}
+    assert names == {"generate", "chat", "serve", "tokenize", "convert", "tokenizer", "data", "pretrain", "sft", "reward", "rlhf", "eval", "sxs", "memorization", "recipe", "report"}
     assert len(COMMANDS) == len(names)
     for argv in [[n, "--help"] for n in names - {"data", "tokenizer"}] + [["data", "prepare", "--help"],
                                                                          ["tokenizer", "train", "--help"]]:

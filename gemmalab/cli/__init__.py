@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemmalab.cli import (chat, convert, data, evaluate, generate, memorization, pretrain, reward, rlhf, serve, sft, sxs,
-                          tokenize, tokenizer)
+from gemmalab.cli import (chat, convert, data, evaluate, generate, memorization, pretrain, recipe, report, reward, rlhf,
+                          serve, sft, sxs, tokenize, tokenizer)
 from gemmalab.errors import GemmalabError
 
 COMMANDS = (generate, chat, serve, tokenize, convert, tokenizer, data, pretrain, sft, reward, rlhf, evaluate, sxs,
-            memorization)
+            memorization, recipe, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from gemmalab.errors import GemmalabError
 from gemmalab.evaluate.tasks.base import Sample, Task
 from gemmalab.evaluate.tasks.choice import builtin_specs, load_choice_task, read_spec
 
-BENCHMARKS = ("mmlu", "mbpp", "humaneval", "gsm8k")
+BENCHMARKS = ("mmlu", "mbpp", "humaneval", "gsm8k", "checkable")
 
 
 def available_tasks() -> list[str]:
@@ -45,6 +45,10 @@ def load_task(name: str, data_dir: str | Path | None = None) -> Task:
         local = [p for p in (data_dir / "humaneval" / "HumanEval.jsonl", data_dir / "humaneval" / "HumanEval.jsonl.gz")
                  if p.is_file()] if data_dir is not None else []
         return load_humaneval(local[0] if local else None)
+    if name == "checkable":  # the built-in tasks' held-out prompts, no files
+        from gemmalab.evaluate.tasks.checkable import load_checkable
+
+        return load_checkable()
     if name == "gsm8k":
         from gemmalab.evaluate.tasks.gsm8k import load_gsm8k
 

@@ -1,0 +1,45 @@
+"""`gemmalab recipe`: the whole recipe from one file, stage after stage, each resumable (docs/recipe.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("recipe", help="the whole recipe: data, pretraining, SFT, reward model, RLHF, benchmarks, "
+                                      "side by side, memorization (docs/recipe.md)",
+                       usage="gemmalab recipe --config FILE.toml [key=value ...] [--out DIR]")
+    p.add_argument("--config", required=True, help="a recipe TOML, e.g. configs/recipes/tiny.toml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help='recipe overrides, e.g. sft.set=["train.steps=50"]')
+    p.add_argument("--out", help="the recipe's run directory (default: the config's out_dir); a rerun continues it")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 when every stage is done, 143 when a signal stopped a stage (rerun to continue)."""
+    import logging
+
+    from gemmalab.config import load
+    from gemmalab.recipe import RecipeConfig, recipe
+    from gemmalab.train.parallel import teardown
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load(RecipeConfig, args.config, args.overrides)
+
+    def said(stage: str, what: str) -> None:
+        print(f"== {stage}: {what}", flush=True)
+
+    try:
+        result = recipe(cfg, args.out, on_stage=said)
+    finally:
+        teardown()
+    if result["status"] == "interrupted":
+        print("interrupted: run the same command again to continue")
+        return 143
+    for stage, info in result["stages"].items():
+        print(f"{stage:<13} {json.dumps(info, default=str)}")
+    print(f"wrote {result['out_dir']}/result.json; report: {result['report']['html']}, model card: "
+          f"{result['report']['card']}")
+    return 0
