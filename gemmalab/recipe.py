@@ -24,7 +24,7 @@ from gemmalab.errors import GemmalabError
 from gemmalab.files import atomic_write
 from gemmalab.runs import read_result
 
-__all__ = ["STAGES", "StageSpec", "EvalSpec", "SxSSpec", "RecipeConfig", "recipe", "stage_dirs"]
+__all__ = ["STAGES", "StageSpec", "EvalSpec", "SxSSpec", "RecipeConfig", "recipe", "stage_dirs", "plan", "plan_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,8 @@ def _training(stage: str, cls_path: str) -> Callable:
         module, name = cls_path.rsplit(".", 1)
         mod = importlib.import_module(module)
         stage_cfg = _load(getattr(mod, name), getattr(cfg, stage), _wiring(stage, d))
-        resume = (d[stage] / "checkpoints").is_dir() and any((d[stage] / "checkpoints").iterdir())
-        result = getattr(mod, stage)(stage_cfg, d[stage], resume=resume, progress=progress)
+        # resume=True: from the newest checkpoint if there is one, else from the start (as `--resume` does)
+        result = getattr(mod, stage)(stage_cfg, d[stage], resume=True, progress=progress)
         return {"status": result["status"], "headline": _headline(result, HEADLINES[stage])}
 
     return run
@@ -358,3 +358,96 @@ _RUNNERS = {
     "sxs": _Runner(_sxs, _sxs_done),
     "memorization": _Runner(_memorization),
 }
+
+
+# ---- the plan (a dry run) -------------------------------------------------------------------------------
+
+
+TRAINING = {"pretrain": "gemmalab.train.pretrain.PretrainConfig", "sft": "gemmalab.train.sft.SFTConfig",
+            "reward": "gemmalab.train.reward.RewardConfig", "rlhf": "gemmalab.train.rlhf.RLHFConfig"}
+
+
+def plan(cfg: RecipeConfig, world_size: int = 8, peak_tflops: float = 989.0, mfu: float = 0.4) -> dict:
+    """What the recipe would run, computed without data, weights or devices: per training stage its parameters,
+    memory per device and tokens (gemmalab.train.pretrain.plan), its FLOPs (6 N per trained token; RLHF per
+    sample: generation 2 N, the policy's, the reference's and the reward model's scoring 6 N, the update 6 N per
+    epoch, per token), the time at `mfu` of `peak_tflops` per device (bf16 dense; 989 is an H100 SXM's) and the
+    carbon of that time (the stage's `[carbon]` power, PUE and grid). RLHF runs on one device."""
+    import importlib
+    import tempfile
+
+    import torch
+
+    from gemmalab.checkpoint.hf import to_hf_config
+    from gemmalab.files import write_json
+    from gemmalab.train.metrics import CarbonConfig, carbon
+    from gemmalab.train.pretrain import plan as train_plan
+
+    if world_size < 1 or not peak_tflops > 0 or not 0 < mfu <= 1:
+        raise GemmalabError("need world_size >= 1, peak_tflops > 0 and 0 < mfu <= 1")
+    stages: dict[str, dict] = {"data": {"config": cfg.data.config, "set": cfg.data.set}} if cfg.data.enabled else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = stage_dirs(tmp)
+        configs = {}
+        for stage in TRAINING:
+            if not getattr(cfg, stage).enabled:
+                continue
+            module, name = TRAINING[stage].rsplit(".", 1)
+            configs[stage] = _load(getattr(importlib.import_module(module), name), getattr(cfg, stage),
+                                   _wiring(stage, d))
+            if stage in ("pretrain", "sft", "reward"):  # what the next stages start from: a model of this shape
+                (d[stage] / "model").mkdir(parents=True)
+                write_json(d[stage] / "model" / "config.json", to_hf_config(configs[stage].model.config))
+        for stage, c in configs.items():
+            devices = 1 if stage == "rlhf" else world_size
+            n = c.model.config.num_params()
+            if stage == "rlhf":
+                r = c.rlhf
+                rows = r.prompts_per_step * r.samples_per_prompt
+                tokens = rows * c.data.seq_len * c.train.steps  # prompt + answer positions, at most
+                flops = (2 + 6 + 6 * r.epochs) * n * tokens
+                frozen = 2 if c.train.dtype == torch.bfloat16 else 4  # the reference and the reward model
+                p = {"model": c.model.init_from, "parameters": n, "world_size": 1, "samples_per_step": rows,
+                     "steps": c.train.steps, "total_tokens": tokens,
+                     # at least: the policy's fp32 weights, gradients and AdamW moments, and the two frozen models
+                     "memory_per_device_gib": {"total": n * (16 + 2 * frozen) / 2**30, "lower_bound": True}}
+            else:
+                p = train_plan(c, devices)
+                tokens = p["total_tokens"] * (2 if stage == "reward" else 1)  # a reward step scores two answers per pair
+                flops = 6 * n * tokens
+            seconds = flops / (devices * peak_tflops * 1e12 * mfu)
+            site = CarbonConfig(c.carbon.device_power_watts, devices, c.carbon.pue, c.carbon.grid_kg_co2e_per_kwh)
+            stages[stage] = {**p, "flops": flops, "seconds": seconds, "carbon": carbon(seconds, site)}
+    return {"world_size": world_size, "peak_tflops": peak_tflops, "mfu": mfu, "stages": stages,
+            "seconds": sum(s.get("seconds", 0.0) for s in stages.values()),
+            "co2e_kg": sum(s["carbon"]["co2e_kg"] for s in stages.values() if "carbon" in s)}
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h ({seconds / 86400:,.1f} days)" if seconds >= 3600 else f"{seconds:,.1f} s"
+
+
+def plan_lines(p: dict) -> list[str]:
+    """The plan as the terminal shows it."""
+    lines = [f"plan on {p['world_size']} device(s) at {p['mfu']:.0%} of {p['peak_tflops']:g} TFLOP/s each "
+             f"(estimates)"]
+    for stage, s in p["stages"].items():
+        if "flops" not in s:
+            lines.append(f"{stage:<10} {s.get('config')} {' '.join(s.get('set', []))}")
+            continue
+        mem = s.get("memory_per_device_gib", {}).get("total")
+        lines.append(f"{stage:<10} {_si(s['parameters'])} parameters on {s['world_size']} device(s), "
+                     f"{s['steps']:,} steps, {_si(s['total_tokens'])} tokens, {s['flops']:.2e} FLOPs"
+                     + (f", {'>= ' if s['memory_per_device_gib'].get('lower_bound') else ''}{mem:.1f} GiB per device"
+                        if mem is not None else "")
+                     + f", {_hours(s['seconds'])}, {s['carbon']['co2e_kg']:,.3g} kg CO2e")
+    lines.append(f"total      {_hours(p['seconds'])} of training, {p['co2e_kg']:,.3g} kg CO2e "
+                 f"(benchmarks, side by side and the audit not counted)")
+    return lines

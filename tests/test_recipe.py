@@ -166,3 +166,26 @@ def test_the_report_loads_in_a_headless_browser(smoke_run, tmp_path):
     assert set(drawn) == PLOTS and all(drawn.values()), drawn
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+
+
+@pytest.mark.parametrize("size,params", [("2b", 2_506_172_416), ("7b", None)])
+def test_the_full_scale_plans(size, params, capsys):
+    """The gemma-2b / gemma-7b recipes checked by a dry run: the report's shapes and token counts, FLOPs, time and
+    carbon by hand; nothing is read or allocated (their data files need not exist)."""
+    from gemmalab.cli import main
+    from gemmalab.recipe import plan
+
+    cfg = load(RecipeConfig, ROOT / "configs" / "recipes" / f"gemma-{size}.toml")
+    p = plan(cfg, world_size=8, peak_tflops=989.0, mfu=0.4)
+    pre = p["stages"]["pretrain"]
+    if params is not None:
+        assert pre["parameters"] == params
+    assert pre["total_tokens"] == pytest.approx({"2b": 3e12, "7b": 6e12}[size], rel=1e-3)  # the Gemma report's
+    assert pre["flops"] == 6 * pre["parameters"] * pre["total_tokens"]
+    assert pre["seconds"] == pytest.approx(pre["flops"] / (8 * 989e12 * 0.4))
+    assert pre["carbon"]["energy_kwh"] == pytest.approx(700 * 8 * pre["seconds"] / 3.6e6 * 1.1)
+    assert p["stages"]["rlhf"]["world_size"] == 1 and p["stages"]["sft"]["parameters"] == pre["parameters"]
+    assert list(p["stages"]) == ["data", "pretrain", "sft", "reward", "rlhf"]
+    assert main(["recipe", "--config", str(ROOT / "configs" / "recipes" / f"gemma-{size}.toml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain" in out and "GiB per device" in out and "kg CO2e" in out

@@ -9,10 +9,15 @@ import json
 def add_parser(sub) -> None:
     p = sub.add_parser("recipe", help="the whole recipe: data, pretraining, SFT, reward model, RLHF, benchmarks, "
                                       "side by side, memorization (docs/recipe.md)",
-                       usage="gemmalab recipe --config FILE.toml [key=value ...] [--out DIR]")
+                       usage="gemmalab recipe --config FILE.toml [key=value ...] [--out DIR] [--dry-run ...]")
     p.add_argument("--config", required=True, help="a recipe TOML, e.g. configs/recipes/tiny.toml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help='recipe overrides, e.g. sft.set=["train.steps=50"]')
     p.add_argument("--out", help="the recipe's run directory (default: the config's out_dir); a rerun continues it")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (devices, memory, tokens, steps, time, "
+                                                          "carbon) and exit")
+    p.add_argument("--world-size", type=int, default=8, help="devices of the plan's training stages (RLHF: one)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per device, bf16 dense (an H100 SXM: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="the fraction of peak the plan assumes")
     p.set_defaults(func=run)
 
 
@@ -27,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load(RecipeConfig, args.config, args.overrides)
+    if args.dry_run:
+        from gemmalab.recipe import plan, plan_lines
+
+        print("\n".join(plan_lines(plan(cfg, args.world_size, args.peak_tflops, args.mfu))))
+        return 0
 
     def said(stage: str, what: str) -> None:
         print(f"== {stage}: {what}", flush=True)
