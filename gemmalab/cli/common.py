@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gemmalab.dtypes import DTYPES, parse_dtype
+from gemmalab.dtypes import DTYPE_CHOICES, parse_dtype
 from gemmalab.errors import GemmalabError
 
 
@@ -26,7 +26,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPES),
+    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES),
                    help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")

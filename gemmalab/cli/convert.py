@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from gemmalab.cli.common import dtype_arg, load_model
-from gemmalab.dtypes import DTYPES, dtype_name
+from gemmalab.dtypes import DTYPE_CHOICES, dtype_name
 from gemmalab.errors import GemmalabError
 
 
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--to", default="hf")
     p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt (e.g. gemma-2b)")
     p.add_argument("--tokenizer", help="tokenizer.model to include (default: the source's own)")
-    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPES))
+    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES))
     p.set_defaults(func=run)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gemmalab.cli.common import dtype_arg, set_threads
-from gemmalab.dtypes import DTYPES
+from gemmalab.dtypes import DTYPE_CHOICES
 
 
 def add_parser(sub) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                    help="leave out the character-level variant (rows then leave on the token-level bound alone: faster)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per decode step")
     p.add_argument("--prefill-batch", type=int, default=8, help="prompts prefilled together")
-    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPES))
+    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=Path("runs/memorization"), help="run directory (resumes the audit it holds)")
