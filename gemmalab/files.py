@@ -54,7 +54,8 @@ def open_bytes(path: str | Path) -> IO[bytes]:
 def jsonl_lines(path: str | Path, blank_lines: bool = False) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line number, object, problem) for each line of a JSONL file (.gz and .zst too), for readers that count and skip
     bad lines (`read_jsonl` stops at the first). A good line gives (n, object, None); a bad one (n, None, what is
-    wrong): `not valid JSON (...)`, `not valid UTF-8`, `expected a JSON object, got list`; a blank line
+    wrong): `not valid JSON (...)`, `not valid UTF-8`, `expected a JSON object, got list`, `not valid JSON here
+    (...)` (an integer of more than 4,300 digits, nesting too deep for the parser); a blank line
     (n, None, BLANK) when `blank_lines`, else nothing. A file that cannot be read to its end (a truncated gzip)
     gives a last (n, None, "file cannot be read to the end (...)"), n being the line it stopped at; a missing
     file is an error."""
@@ -76,6 +77,12 @@ def jsonl_lines(path: str | Path, blank_lines: bool = False) -> Iterator[tuple[i
                     continue
                 except json.JSONDecodeError as e:
                     yield n, None, f"not valid JSON ({e.msg} at column {e.colno})"
+                    continue
+                except ValueError as e:  # an integer longer than Python's int-to-str limit (4,300 digits)
+                    yield n, None, f"not valid JSON here ({e})"
+                    continue
+                except RecursionError:
+                    yield n, None, "not valid JSON here (nested too deeply)"
                     continue
                 if not isinstance(obj, dict):
                     yield n, None, f"expected a JSON object, got {type(obj).__name__}"

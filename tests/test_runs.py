@@ -82,3 +82,9 @@ def test_jsonl_lines_reports_every_bad_line_and_a_cut_file(tmp_path):
     assert obj is None and problem.startswith("file cannot be read to the end") and n > 1
     with pytest.raises(GemmalabError, match=r"docs\.jsonl\.gz, line 3: expected a JSON object, got list"):
         list(read_jsonl(path))
+    # hostile lines: a 5,000-digit integer, nesting deeper than the parser goes; each counted, the rest still read
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_text('{"n": ' + "9" * 5000 + '}\n' + '{"a": ' + "[" * 100_000 + "]" * 100_000 + '}\n{"text": "c"}\n')
+    got = list(jsonl_lines(hostile))
+    assert [obj for _, obj, _ in got] == [None, None, {"text": "c"}]
+    assert got[0][2].startswith("not valid JSON here") and "nested too deeply" in got[1][2]
