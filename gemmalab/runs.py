@@ -108,7 +108,7 @@ def read_result(run_dir: str | Path) -> dict | None:
         return None
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise GemmalabError(f"{path} cannot be read: {e}.") from None
     if not isinstance(result, dict):
         raise GemmalabError(f"{path} must hold a JSON object.")

@@ -180,6 +180,10 @@ def test_config_with_wrong_or_missing_fields(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(GemmalabError, match="config.json is not valid JSON"):
         load_hf(tmp_path)
+    for hostile in ('{"hidden_size": ' + "9" * 5000 + "}", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        (tmp_path / "config.json").write_text(hostile)  # a huge integer, nesting too deep: named, no traceback
+        with pytest.raises(GemmalabError, match="config.json is not valid JSON"):
+            load_hf(tmp_path)
 
 
 def test_checkpoint_mismatch_lists_missing_unexpected_and_misshaped(tmp_path):

@@ -147,8 +147,10 @@ def read_model_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise GemmalabError(f"{path} is missing; a model directory needs config.json and safetensors weights.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON or UTF-8, or an integer over Python's 4,300-digit limit
         raise GemmalabError(f"{path} is not valid JSON: {e}.") from None
+    except RecursionError:
+        raise GemmalabError(f"{path} is not valid JSON here: nested too deeply.") from None
     if not isinstance(data, dict):
         raise GemmalabError(f"{path} must hold a JSON object.")
     return data
