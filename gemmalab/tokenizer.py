@@ -24,6 +24,9 @@ from gemmalab.files import open_text, read_jsonl
 __all__ = ["Tokenizer", "TokenizerError", "train_tokenizer", "GEMMA_CHAT_TEMPLATE"]
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class TokenizerError(GemmalabError, ValueError):
     """A tokenizer file, field or input that cannot be used."""
 
@@ -203,6 +206,10 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects str, got {type(text).__name__}")
+        lone = _LONE_SURROGATE.search(text)  # from JSON "\ud800" escapes: SentencePiece cannot take them
+        if lone:
+            raise TokenizerError(f"the text holds a lone surrogate (U+{ord(lone.group()):04X}) at character "
+                                 f"{lone.start()}, which is not a character UTF-8 can encode")
         parts: list[str | int] = self._split_special(text) if parse_special else [text]
         encoded = iter(self._sp.encode([p for p in parts if isinstance(p, str)]))
         ids: list[int] = []

@@ -215,6 +215,10 @@ def test_sampling_with_a_seed_is_reproducible(client):
      "messages", "256"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "nope"),
     ("/v1/nothing", {}, 404, None, "Not Found"),
+    # a JSON escape of a lone surrogate: valid JSON, not encodable text (was a 500 from SentencePiece)
+    ("/v1/completions", b'{"model": "%s", "prompt": "ka \\ud800 lo"}' % MODEL.encode(), 400, "prompt", "lone surrogate"),
+    ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % MODEL.encode(),
+     400, "messages", "lone surrogate"),
 ])
 def test_invalid_requests_answer_in_openai_error_shape(server, path, body, status, param, words):
     raw = {"content": body, "headers": {"content-type": "application/json"}}

@@ -564,3 +564,12 @@ def test_training_errors(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TokenizerError, match="bin.txt"):
         train_tokenizer([binary], 400, tmp_path / "out")
+
+
+def test_lone_surrogates_are_a_clear_error(trained: Tokenizer) -> None:
+    """Text decoded from JSON may hold "\\ud800": SentencePiece cannot take it; the error names where it is."""
+    with pytest.raises(TokenizerError, match=r"lone surrogate \(U\+D800\) at character 3"):
+        trained.encode("ka \ud800 lo")
+    with pytest.raises(TokenizerError, match="U\\+DFFF"):
+        trained.apply_chat_template([{"role": "user", "content": "\udfff"}])
+    assert trained.encode("ka \U0001F600 lo")  # a proper astral character is fine

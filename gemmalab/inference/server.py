@@ -495,7 +495,10 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 64, max_batc
         _refuse_unsupported(req)
         prompts: list[list[int]] = []
         for p in req.prompt:
-            ids = tokenizer.encode(p) if isinstance(p, str) else p
+            try:
+                ids = tokenizer.encode(p) if isinstance(p, str) else p
+            except TokenizerError as e:
+                raise _bad(str(e), param="prompt") from None
             if any(not 0 <= t < tokenizer.vocab_size for t in ids):
                 raise _bad(f"Token ids in the prompt must be in [0, {tokenizer.vocab_size}).", param="prompt")
             prompts.append(ids)
