@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gemmalab.cli import COMMANDS, build_parser, main
+from gemmalab.errors import GemmalabError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +53,28 @@ def test_pretrain_dry_run_prints_the_plan(capsys):
                  "--world-size", "8", "train.grad_accum=2"]) == 0
     out = capsys.readouterr().out
     assert "gemma-2b: 2,506,172,416 parameters" in out and "x 2 micro-batches x 8 devices" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "m", "--tasks", "checkable", "--batch-size", "0"],
+    ["eval", "--model", "m", "--tasks", "checkable", "--limit", "-2"],
+    ["generate", "--model", "m", "--prompt", "hi", "--threads", "-1"],
+    ["serve", "--model", "m", "--max-batch-size", "0"],
+    ["memorization", "--model", "m", "--corpus", "c", "--prefill-batch", "0"],
+    ["sxs", "--model", "a", "--baseline", "b", "--judge", "reference", "--batch-size", "zero"],
+])
+def test_counts_below_one_are_refused_by_name(argv, capsys):
+    """--batch-size 0, --threads -1 and the like: a usage error naming the flag (exit 2), not a traceback later."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}" in err and ("must be >= 1" in err or "whole number" in err)
+
+
+def test_the_engine_refuses_a_batch_of_zero():
+    from gemmalab.inference import Engine
+    from gemmalab.model import Gemma, get_preset
+
+    with pytest.raises(GemmalabError, match="max_batch_size"):
+        Engine(Gemma(get_preset("tiny-gemma")), None, max_batch_size=0)

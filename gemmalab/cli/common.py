@@ -20,6 +20,17 @@ def dtype_arg(value: str) -> torch.dtype:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive_int(value: str) -> int:
+    """argparse `type` for counts that must be >= 1 (--batch-size, --threads, --limit, ...)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory, .gguf file, .ckpt file or registered name (gemma3-270m)")
     p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt, which carries no config (e.g. gemma-2b)")
@@ -29,7 +40,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES),
                    help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="weight-only quantization (int8: near-lossless; int4: faster, perplexity about 1.4-2x)")
 

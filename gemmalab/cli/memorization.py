@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gemmalab.cli.common import dtype_arg, set_threads
+from gemmalab.cli.common import dtype_arg, positive_int, set_threads
 from gemmalab.dtypes import DTYPE_CHOICES
 
 
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("memorization", help="memorization audit: exact and approximate, by source, with PII (docs/memorization.md)")
     p.add_argument("--model", required=True, help="model REF (directory, .gguf, gemma3-270m)")
     p.add_argument("--corpus", required=True, help="token shard folder (meta.json) or JSONL documents")
-    p.add_argument("--samples", type=int, default=10000, help="per source")
+    p.add_argument("--samples", type=positive_int, default=10000, help="per source")
     p.add_argument("--prefix", type=int, default=50)
     p.add_argument("--suffix", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -24,11 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prune", action="store_true", help="decode every row to the end (every distance, and mean distances)")
     p.add_argument("--no-char-level", action="store_true",
                    help="leave out the character-level variant (rows then leave on the token-level bound alone: faster)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per decode step")
-    p.add_argument("--prefill-batch", type=int, default=8, help="prompts prefilled together")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per decode step")
+    p.add_argument("--prefill-batch", type=positive_int, default=8, help="prompts prefilled together")
     p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=Path("runs/memorization"), help="run directory (resumes the audit it holds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from gemmalab.cli.common import add_stage_args, run_training
+from gemmalab.cli.common import add_stage_args, positive_int, run_training
 from gemmalab.errors import GemmalabError
 
 
@@ -30,7 +30,7 @@ def _score_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path,
                    help='JSONL: {"prompt": str | messages, "response": str} or {"messages": [...]} ending in a model turn')
     p.add_argument("--output", type=Path, help="where to write the lines with a \"reward\" field (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="cpu")
     return p
 

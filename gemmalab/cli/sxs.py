@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gemmalab.cli.common import dtype_arg, set_threads
+from gemmalab.cli.common import dtype_arg, positive_int, set_threads
 from gemmalab.dtypes import DTYPE_CHOICES
 
 
@@ -26,17 +26,17 @@ def add_parser(sub) -> None:
     p.add_argument("--judge-retries", type=int, default=6, help="retries per request on 429, 5xx or no connection")
     p.add_argument("--prompts", type=Path, help='JSONL {"prompt", "category", "reference"?} (default: the built-in set)')
     p.add_argument("--categories", help="comma-separated categories to keep")
-    p.add_argument("--limit", type=int, help="the first N prompts of each category")
+    p.add_argument("--limit", type=positive_int, help="the first N prompts of each category")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit of both models")
     p.add_argument("--temperature", type=float, default=0.0, help="the model's (0: greedy)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--baseline-temperature", type=float, default=0.0, help="the baseline's (0: greedy)")
     p.add_argument("--baseline-top-p", type=float)
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of both models; the bootstrap's is 0")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=Path("runs/sxs"), help="run directory (resumes the run it holds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

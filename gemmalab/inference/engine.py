@@ -164,6 +164,8 @@ class Engine:
 
     def __init__(self, model: Gemma, tokenizer, max_batch_size: int = 32, compile: bool = False,
                  logits_budget: int = 2 * 1024**3):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise GemmalabError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}.")
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.logits_budget = logits_budget  # bytes of f32 logits one scoring batch may hold
         self.device = model.embed.weight.device
