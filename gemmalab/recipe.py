@@ -196,12 +196,11 @@ def recipe(cfg: RecipeConfig, out: str | Path | None = None, *, progress: bool =
         if stages[stage]["status"] not in DONE:  # interrupted: the rerun resumes here
             _write_summary(summary_path, out, "interrupted", stages)
             return {"stage": "recipe", "status": "interrupted", "stages": stages}
-    from gemmalab.report import write_report
+    from gemmalab.report import REPORT_FILES, write_report
 
-    _write_summary(summary_path, out, "finished", stages, seconds=time.perf_counter() - started)
-    paths = write_report(out)  # reads the summary just written
     _write_summary(summary_path, out, "finished", stages, seconds=time.perf_counter() - started,
-                   report={k: str(v) for k, v in paths.items()})
+                   report={k: str(out / name) for k, name in REPORT_FILES.items()})
+    write_report(out)  # reads the summary just written
     return read_result(out)
 
 
@@ -239,13 +238,23 @@ def _data(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict:
     return {"status": result.get("status"), "headline": _headline(result, HEADLINES["data"])}
 
 
-def _training(stage: str, cls_path: str) -> Callable:
-    def run(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict:
-        import importlib
+# the training stages: their module (with the stage function of the same name) and config class
+TRAINING = {"pretrain": ("gemmalab.train.pretrain", "PretrainConfig"), "sft": ("gemmalab.train.sft", "SFTConfig"),
+            "reward": ("gemmalab.train.reward", "RewardConfig"), "rlhf": ("gemmalab.train.rlhf", "RLHFConfig")}
 
-        module, name = cls_path.rsplit(".", 1)
-        mod = importlib.import_module(module)
-        stage_cfg = _load(getattr(mod, name), getattr(cfg, stage), _wiring(stage, d))
+
+def _stage_config(stage: str, cfg: RecipeConfig, d: dict[str, Path]):
+    """(the stage's module, its config: the stage's file, the recipe's wiring, then `set`)."""
+    import importlib
+
+    module, name = TRAINING[stage]
+    mod = importlib.import_module(module)
+    return mod, _load(getattr(mod, name), getattr(cfg, stage), _wiring(stage, d))
+
+
+def _training(stage: str) -> Callable:
+    def run(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict:
+        mod, stage_cfg = _stage_config(stage, cfg, d)
         # resume=True: from the newest checkpoint if there is one, else from the start (as `--resume` does)
         result = getattr(mod, stage)(stage_cfg, d[stage], resume=True, progress=progress)
         return {"status": result["status"], "headline": _headline(result, HEADLINES[stage])}
@@ -350,10 +359,10 @@ def _memorization(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict
 
 _RUNNERS = {
     "data": _Runner(_data),
-    "pretrain": _Runner(_training("pretrain", "gemmalab.train.pretrain.PretrainConfig")),
-    "sft": _Runner(_training("sft", "gemmalab.train.sft.SFTConfig")),
-    "reward": _Runner(_training("reward", "gemmalab.train.reward.RewardConfig")),
-    "rlhf": _Runner(_training("rlhf", "gemmalab.train.rlhf.RLHFConfig")),
+    "pretrain": _Runner(_training("pretrain")),
+    "sft": _Runner(_training("sft")),
+    "reward": _Runner(_training("reward")),
+    "rlhf": _Runner(_training("rlhf")),
     "eval": _Runner(_eval),
     "sxs": _Runner(_sxs, _sxs_done),
     "memorization": _Runner(_memorization),
@@ -363,17 +372,12 @@ _RUNNERS = {
 # ---- the plan (a dry run) -------------------------------------------------------------------------------
 
 
-TRAINING = {"pretrain": "gemmalab.train.pretrain.PretrainConfig", "sft": "gemmalab.train.sft.SFTConfig",
-            "reward": "gemmalab.train.reward.RewardConfig", "rlhf": "gemmalab.train.rlhf.RLHFConfig"}
-
-
 def plan(cfg: RecipeConfig, world_size: int = 8, peak_tflops: float = 989.0, mfu: float = 0.4) -> dict:
     """What the recipe would run, computed without data, weights or devices: per training stage its parameters,
     memory per device and tokens (gemmalab.train.pretrain.plan), its FLOPs (6 N per trained token; RLHF per
     sample: generation 2 N, the policy's, the reference's and the reward model's scoring 6 N, the update 6 N per
     epoch, per token), the time at `mfu` of `peak_tflops` per device (bf16 dense; 989 is an H100 SXM's) and the
     carbon of that time (the stage's `[carbon]` power, PUE and grid). RLHF runs on one device."""
-    import importlib
     import tempfile
 
     import torch
@@ -392,9 +396,7 @@ def plan(cfg: RecipeConfig, world_size: int = 8, peak_tflops: float = 989.0, mfu
         for stage in TRAINING:
             if not getattr(cfg, stage).enabled:
                 continue
-            module, name = TRAINING[stage].rsplit(".", 1)
-            configs[stage] = _load(getattr(importlib.import_module(module), name), getattr(cfg, stage),
-                                   _wiring(stage, d))
+            configs[stage] = _stage_config(stage, cfg, d)[1]
             if stage in ("pretrain", "sft", "reward"):  # what the next stages start from: a model of this shape
                 (d[stage] / "model").mkdir(parents=True)
                 write_json(d[stage] / "model" / "config.json", to_hf_config(configs[stage].model.config))

@@ -12,7 +12,9 @@ from gemmalab.report.card import model_card
 from gemmalab.report.html import report_html
 from gemmalab.report.runs import RecipeRuns
 
-__all__ = ["RecipeRuns", "report_html", "model_card", "write_report"]
+__all__ = ["RecipeRuns", "REPORT_FILES", "report_html", "model_card", "write_report"]
+
+REPORT_FILES = {"html": "report.html", "card": "MODEL_CARD.md"}  # beside the recipe's result.json
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
@@ -20,6 +22,5 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     from gemmalab.files import atomic_write
 
     runs = RecipeRuns.read(run_dir)
-    html = atomic_write(runs.root / "report.html", report_html(runs))
-    card = atomic_write(runs.root / "MODEL_CARD.md", model_card(runs))
-    return {"html": html, "card": card}
+    return {"html": atomic_write(runs.root / REPORT_FILES["html"], report_html(runs)),
+            "card": atomic_write(runs.root / REPORT_FILES["card"], model_card(runs))}

@@ -9,9 +9,6 @@ from pathlib import Path
 from gemmalab.errors import GemmalabError
 from gemmalab.runs import read_result
 
-STAGES = ("data", "pretrain", "sft", "reward", "rlhf", "eval", "sxs", "memorization")
-
-
 @dataclass
 class RecipeRuns:
     """The files of one recipe run: OUT/result.json and, per stage, OUT/<stage>/result.json and metrics.jsonl."""
@@ -29,7 +26,7 @@ class RecipeRuns:
             raise GemmalabError(f"{root} is not a recipe's run directory (no result.json of stage `recipe`); run "
                                 f"`gemmalab recipe --config ... --out {root}` first.")
         runs = cls(root, recipe)
-        for stage in STAGES:
+        for stage in recipe.get("stages", {}):  # the recipe's own list, in its order
             result = read_result(root / stage)
             if result is not None:
                 runs.results[stage] = result

@@ -210,6 +210,7 @@ def model_sampler(model, tokenizer, max_new_tokens: int, seed: int = 0, batch_si
     """A Sampler of the built-in pairs' "sampled" kind: `model`'s answers at temperature 1, each seeded by its prompt,
     the attempt and `seed` (the same pairs on every run and every rank)."""
     from gemmalab.inference import Engine, SamplingParams
+    from gemmalab.inference.engine import eval_mode
 
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
 
@@ -217,12 +218,8 @@ def model_sampler(model, tokenizer, max_new_tokens: int, seed: int = 0, batch_si
         ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
         params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0,
                                  seed=zlib.crc32(f"{seed}/{attempt}/{json.dumps(p)}".encode())) for p in prompts]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             return [c.text for c in engine.generate(ids, params)]
-        finally:
-            model.train(was_training)
 
     return sample
 
