@@ -185,6 +185,23 @@ def test_builtin_tasks_are_checkable_and_split_without_overlap():
         BuiltinTasks(train=50, heldout=10, seed=1))
 
 
+
+def test_chatty_demonstrations_change_only_the_training_answers():
+    """`chatty`: a seeded share of the training answers wrapped in chatter; prompts, the split, the `answer` field
+    and the held-out set are those of the plain tasks."""
+    plain = builtin_dialogues(BuiltinTasks(train=2000, heldout=60, seed=1))
+    train, heldout = builtin_dialogues(BuiltinTasks(train=2000, heldout=60, seed=1, chatty=0.3, chatter=["Sure! {a}"]))
+    assert heldout == plain[1]
+    assert [(e["prompt"], e["answer"]) for e in train] == [(e["prompt"], e["answer"]) for e in plain[0]]
+    replies = [e["messages"][-1]["content"] for e in train]
+    chatty = [r for r, e in zip(replies, train) if r != e["answer"]]
+    assert all(r == f"Sure! {e['answer']}" for r, e in zip(replies, train) if r != e["answer"])
+    assert 0.27 < len(chatty) / len(train) < 0.33
+    for bad, match in [({"chatty": 1.5}, "between 0 and 1"), ({"chatty": 0.1, "chatter": ["Sure!"]}, "hold {a}")]:
+        with pytest.raises(GemmalabError, match=match):
+            BuiltinTasks(**bad)
+
+
 # ---- LoRA -------------------------------------------------------------------------------------------
 
 

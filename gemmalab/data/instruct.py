@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from gemmalab.errors import GemmalabError
 
-__all__ = ["TASKS", "BuiltinTasks", "make_examples", "builtin_dialogues", "is_correct"]
+__all__ = ["TASKS", "CHATTER", "BuiltinTasks", "make_examples", "builtin_dialogues", "is_correct"]
 
 WORDS = ("apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "ocean", "tiger", "honey",
          "glass", "bread", "chair", "dream", "earth", "flame", "grape", "house", "lemon", "metal", "night", "plant",
@@ -76,6 +76,11 @@ def _next_number(r):
     return f"What number comes after {n}?", str(n + 1)
 
 
+# Chatter around an answer: what a hand-written demonstration often adds, and what a preference for the exact answer
+# ranks below it (gemmalab.data.preferences, kind "badly_formatted").
+CHATTER = ("The answer is: {a}. Let me know if you need anything else!", "Sure! {a}", '"{a}"', "{a}, I think.",
+           "Answer: {a}\n\nI hope this helps.")
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "repeat": _repeat, "last_word": _last_word, "reverse": _reverse, "brackets": _brackets, "add": _add,
     "larger": _larger, "greater": _greater, "count": _count, "sort": _sort, "next_number": _next_number,
@@ -90,8 +95,16 @@ class BuiltinTasks:
     heldout: int = 200
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    # The share of training answers wrapped in chatter (CHATTER), as hand-written demonstrations often are: an SFT
+    # model imitates it, a preference for the exact answer (the reward model) does not. Held-out answers stay exact.
+    chatty: float = 0.0
+    chatter: list[str] = field(default_factory=lambda: list(CHATTER))
 
     def __post_init__(self) -> None:
+        if not 0 <= self.chatty <= 1:
+            raise GemmalabError(f"`chatty` must be a share between 0 and 1, got {self.chatty}")
+        if self.chatty and (not self.chatter or any("{a}" not in c for c in self.chatter)):
+            raise GemmalabError("each `chatter` template must hold {a}, where the answer goes")
         unknown = set(self.tasks) - set(TASKS)
         if unknown or not self.tasks:
             raise GemmalabError(f"`tasks` must name some of {', '.join(TASKS)}, got {self.tasks}")
@@ -125,6 +138,11 @@ def builtin_dialogues(cfg: BuiltinTasks) -> tuple[list[dict], list[dict]]:
         draw += 1
         if draw > 50:
             raise GemmalabError("the built-in tasks cannot make that many training prompts outside the held-out set")
+    if cfg.chatty:
+        r = random.Random(f"chatty/{cfg.seed}")  # its own stream: the prompts and the split do not depend on it
+        for e in train:
+            if r.random() < cfg.chatty:
+                e["messages"][-1]["content"] = r.choice(cfg.chatter).format(a=e["answer"])
     return train, heldout
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemmalab.data.dialogue import parse_dialogue
-from gemmalab.data.instruct import TASKS, WORDS, BuiltinTasks, builtin_dialogues, is_correct
+from gemmalab.data.instruct import CHATTER, TASKS, WORDS, BuiltinTasks, builtin_dialogues, is_correct
 from gemmalab.errors import GemmalabError
 from gemmalab.files import jsonl_lines
 
@@ -156,10 +156,6 @@ def _truncated(answer: str, r: random.Random) -> str | None:
     return None
 
 
-_CHATTER = ("The answer is: {a}. Let me know if you need anything else!", "Sure! {a}", '"{a}"', "{a}, I think.",
-            "Answer: {a}\n\nI hope this helps.")
-
-
 def _rejected(answer: str, kind: str, r: random.Random, prompt: str) -> tuple[str, str]:
     if kind == "truncated":
         cut = _truncated(answer, r)
@@ -167,7 +163,7 @@ def _rejected(answer: str, kind: str, r: random.Random, prompt: str) -> tuple[st
             return cut, kind
         kind = "wrong"
     if kind == "badly_formatted":
-        return r.choice(_CHATTER).format(a=answer), kind
+        return r.choice(CHATTER).format(a=answer), kind
     return _wrong(answer, r, prompt), "wrong"
 
 
