@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/quant_quality.py [--tokens 2048] [--ctx 512] [--new-tokens 128] [--threads 2]
 
-Modes: fp32, bf16, int8 (f32 and bf16 activations) and int4 (group 128, on an f32 and a bf16 model; the
-int4 matmul itself always runs on bf16 activations). Perplexity is over a fixed English text that every
+Modes: fp32, bf16, int8 (f32 and bf16 activations), int4 (group 128, on an f32 and a bf16 model; the
+int4 matmul itself always runs on bf16 activations) re-quantized from the dequantized file, and int4gguf: the
+file's own Q4_K grid kept (`gemmalab.load(..., quantize="int4")`), its other matrices int8. Perplexity is over a fixed English text that every
 CPython ships (the Zen of Python and the `pydoc_data.topics` help texts, so it depends only on the Python
 version), cut into segments of --ctx tokens, each starting with BOS. Decode speed: greedy continuation of
 one prompt at batch 1 with `gemmalab.generate` (stop_ids=()), new tokens over wall time of the whole call
@@ -27,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import gemmalab
+from gemmalab.checkpoint import resolve
+from gemmalab.checkpoint.gguf import gguf_int4_codes, open_gguf
+from gemmalab.dtypes import cpu_description
 from gemmalab.model.quant import quantize
 
 PROMPT = "The history of the printing press begins"
@@ -38,6 +42,9 @@ MODES = [
     ("int8-bf16", torch.bfloat16, "int8"),
     ("int4-fp32", torch.float32, "int4"),
     ("int4-bf16", torch.bfloat16, "int4"),
+    # the file's own Q4_K grid for its Q4_K matrices, int8 for the rest (stored in Q5_0, Q6_K, Q8_0)
+    ("int4gguf-fp32", torch.float32, "int4-gguf"),
+    ("int4gguf-bf16", torch.bfloat16, "int4-gguf"),
 ]
 
 
@@ -105,8 +112,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     base, tokenizer = gemmalab.load("gemma3-270m")
+    native = gguf_int4_codes(open_gguf(resolve("gemma3-270m")))
     segments = eval_segments(tokenizer, args.tokens, args.ctx)
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    results = {"machine": cpu_description(), "threads": args.threads,
                "torch": torch.__version__, "python": platform.python_version(),
                "eval_tokens": sum(len(s) - 1 for s in segments), "ctx": args.ctx, "new_tokens": args.new_tokens,
                "group_size": args.group_size, "modes": {}}
@@ -117,7 +125,9 @@ def main() -> None:
         if name not in wanted:
             continue
         model = copy.deepcopy(base).to(dtype)
-        if mode is not None:
+        if mode == "int4-gguf":
+            quantize(model, "int4", native=native)
+        elif mode is not None:
             quantize(model, mode, args.group_size)
         start = time.perf_counter()
         ppl = perplexity(model, segments)

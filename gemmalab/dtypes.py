@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 import time
 
 import torch
@@ -74,6 +75,20 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide its fast paths, e.g. "AMD EPYC 7B13 (avx2, fma)", for benchmark
+    records (machines differ)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    kinds = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+             if f in cpu_flags()]
+    return f"{name} ({', '.join(kinds) or 'none of avx2, avx512, amx'})"
 
 
 def _matmul_seconds(dtype: torch.dtype, n: int = 512, repeats: int = 3) -> float:

@@ -1,6 +1,7 @@
 """Shared fixtures: the real Gemma 3 270M (GGUF, from a PyPI package) and transformers' view of it."""
 
 import contextlib
+import os
 import types
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# dtype "auto" (the CLI default) means fp32 in tests on every machine, so figures do not depend on the CPU's bf16;
+# tests/test_dtypes.py fakes both answers of the probe. Subprocesses inherit it.
+os.environ.setdefault("GEMMALAB_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,13 @@ def test_entry_points_honour_auto(native, probe, tiny_tokenizer, tmp_path, caplo
     loaded, _ = gemmalab.load(ref, dtype="auto")
     assert loaded.embed.weight.dtype == want
     assert dtype_arg("auto") == want  # every --dtype flag
+    from gemmalab.cli import build_parser
+
+    for argv in (["generate", "--model", "m", "--prompt", "x"], ["chat", "--model", "m"], ["serve", "--model", "m"],
+                 ["eval", "--model", "m", "--tasks", "checkable"], ["sxs", "--model", "m", "--baseline", "b", "--judge", "j"],
+                 ["memorization", "--model", "m", "--corpus", "c"]):
+        args = build_parser().parse_args(argv)
+        assert args.dtype == want, argv  # auto is the inference commands' default
     cfg = load(SFTConfig, None, [f'model.init_from="{ref}"', 'train.dtype="auto"'])
     assert cfg.train.dtype == want
     with caplog.at_level(logging.WARNING, logger="gemmalab.checkpoint"):

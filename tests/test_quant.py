@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,3 +262,112 @@ def test_quantized_model_equals_its_dequantized_weights(mode, group_size, bound)
         fake.lm_head.weight.copy_(dequantized(fake.embed.weight))
         tokens = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
         assert _rel(model(tokens), fake(tokens)) < bound
+
+
+# ---- GGUF-native int4: the file's own grid ---------------------------------------------------------------------
+
+def _q4_k_blocks(n_blocks: int, seed: int) -> np.ndarray:
+    """Random but valid Q4_K super-blocks [n, 144]: fp16 d and dmin, 12 bytes of packed 6-bit scales and mins,
+    128 bytes of nibbles."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(1e-4, 1e-2, (n_blocks, 2)).astype(np.float16).view(np.uint8)  # d, dmin
+    rest = rng.integers(0, 256, (n_blocks, 140), dtype=np.uint8)
+    return np.concatenate([d, rest], axis=1)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q4_0"])
+def test_gguf_int4_codes_equal_gguf_dequantization(qtype):
+    """Bit for bit in f32: (q - 8) * scale + zero is the file's own weight, for every code of every sub-block."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize as gguf_quantize
+
+    from gemmalab.checkpoint.gguf import _q4_0_codes, _q4_k_codes
+
+    N, K = 32, 512
+    if qtype == "Q4_K":
+        blocks, unpack = _q4_k_blocks(N * K // 256, seed=0), _q4_k_codes
+        reference = dequantize(blocks, T.Q4_K).reshape(N, K)
+    else:
+        w = np.random.default_rng(1).standard_normal((N, K)).astype(np.float32)
+        blocks, unpack = gguf_quantize(w, T.Q4_0).reshape(-1, 18), _q4_0_codes
+        reference = dequantize(blocks, T.Q4_0).reshape(N, K)
+    codes, scale, minimum = unpack(blocks)
+    q = torch.from_numpy(codes.astype(np.int32).reshape(N, K))
+    scale = torch.from_numpy(scale.reshape(N, K // 32))
+    sz = torch.stack([scale, 8 * scale - torch.from_numpy(minimum.reshape(N, K // 32))], -1).transpose(0, 1)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15 and len(q.unique()) == 16
+    torch.testing.assert_close(dequantize_int4(q, sz, 32), torch.from_numpy(reference), rtol=0, atol=0)
+
+
+def test_native_codes_are_used_as_given_and_the_rest_becomes_int8():
+    """quantize(..., native=...): a layer with codes computes exactly those codes' weights (through the bf16
+    kernel); a layer without them is int8; the codes are not re-rounded."""
+    model = _model()
+    w = model.layers[0].attn.o.weight.detach()
+    q, sz = quantize_int4(w, 32, scale_dtype=torch.float32)
+    sz = sz.bfloat16().float()  # on the bf16 grid the kernel uses: the comparison below is exact in its inputs
+    quantize(model, "int4", native={"layers.0.attn.o.weight": (q, sz)})
+    o = model.layers[0].attn.o
+    assert isinstance(o, Int4Linear) and o.group_size == 32
+    assert isinstance(model.layers[0].attn.q, Int8Linear) and isinstance(model.lm_head, Int8Linear)
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
+    want = x.bfloat16().float() @ dequantize_int4(q, sz, 32).T
+    assert _rel(o(x), want) < INT4_TOL
+    with pytest.raises(GemmalabError, match="int4 codes"):
+        quantize(_model(), "int8", native={})
+    with pytest.raises(GemmalabError, match=r"codes of layers\.0\.attn\.o are \(16, 128\)"):
+        quantize(_model(), "int4", native={"layers.0.attn.o.weight": (q[:16], sz[:, :16])})
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_batched_generation_equals_one_at_a_time(mode):
+    """Batched rows (left padding, batch sizes over and under the int8 kernel's row limit) give each prompt the
+    tokens it gets alone."""
+    model = quantize(_model(), mode)
+    prompts = ["5 17 99 310", "7 7", "12", "40 41 42 43 44 45", "3 9 27", "100 200"]
+    together = generate(model, IdTokenizer(), prompts, max_new_tokens=10, stop_ids=())
+    alone = [generate(model, IdTokenizer(), [p], max_new_tokens=10, stop_ids=())[0] for p in prompts]
+    assert [g.ids for g in together] == [g.ids for g in alone]
+
+
+@pytest.mark.real_model
+def test_real_gguf_native_int4_computes_the_files_weights(real_model):
+    """gemmalab.load(GGUF, quantize="int4"): the 27 Q4_K matrices of the Q4_K_M file keep its grid (their products
+    equal the dequantized file's within bf16 activation rounding), the others are int8; perplexity stays within
+    1% of the dequantized file's (re-quantizing to int4 loses 40%)."""
+    import gemmalab
+    from gemmalab.checkpoint import resolve
+    from gemmalab.checkpoint.gguf import gguf_int4_codes, open_gguf
+
+    model, tokenizer = real_model
+    native, _ = gemmalab.load("gemma3-270m", quantize="int4")
+    codes = gguf_int4_codes(open_gguf(resolve("gemma3-270m")))
+    assert len(codes) == 27 and all(".attn.o." in n or ".mlp.down." in n for n in codes)
+    int4 = [n for n, m in native.named_modules() if isinstance(m, Int4Linear)]
+    assert sorted(f"{n}.weight" for n in int4) == sorted(codes)
+    assert isinstance(native.lm_head, Int8Linear) and isinstance(native.layers[0].attn.q, Int8Linear)
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(0))
+    o, w = native.layers[0].attn.o, model.layers[0].attn.o.weight
+    with torch.no_grad():
+        assert _rel(o(x), x.bfloat16().float() @ w.T) < INT4_TOL
+    ids = tokenizer.encode(PROSE)
+    assert _perplexity(native, ids) < 1.01 * _perplexity(model, ids)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_int8_many_rows_in_bf16_run_in_fp32_where_bf16_is_slow(monkeypatch, fast):
+    """Above the kernel's row limit, a bf16 batch is a dequantized matrix product: in fp32 on a CPU without fast
+    bf16 (an AVX2 CPU runs bf16 products up to 100x slower), in bf16 where bf16 is native."""
+    from gemmalab.model import quant
+
+    monkeypatch.setattr(quant, "cpu_bf16_fast", lambda: fast)
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(quant.F, "linear", lambda x, w: seen.append(x.dtype) or linear(x, w))
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    module = Int8Linear(w.bfloat16())
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = module(x)
+    assert y.dtype == torch.bfloat16 and seen == [torch.bfloat16 if fast else torch.float32]
+    want = x.float() @ dequantize_int8(module.weight, module.scales).T
+    assert _rel(y, want) < MATMUL_TOL[torch.bfloat16]

@@ -79,13 +79,15 @@ def load_config(ref: str | Path) -> ModelConfig:
 
 
 def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-         config: ModelConfig | None = None):
+         config: ModelConfig | None = None, quantize: str | None = None):
     """Load a model and its tokenizer: `model, tokenizer = gemmalab.load("gemma3-270m")`.
 
     `ref` is a registered name, an HF model directory, a `.gguf` file, or a gemma_pytorch `.ckpt` (which needs
     `config`, since the file carries none). The tokenizer is None when the reference has none. `dtype="auto"`:
     bf16 on CUDA and on CPUs with fast native bf16, else fp32 (gemmalab.dtypes); an explicit bf16 on a CPU without
-    it is honoured, with a warning.
+    it is honoured, with a warning. `quantize` ("int8" or "int4", gemmalab.model.quant) quantizes for inference; a
+    GGUF's Q4_K and Q4_0 matrices keep the file's own grid under "int4" (the rest of such a file, stored at more
+    than 4 bits, becomes int8), so the model computes the file's weights instead of a re-rounding of them.
     """
     from gemmalab.tokenizer import Tokenizer
 
@@ -93,18 +95,30 @@ def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str 
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_bf16_fast():
         log.warning("bf16 on this CPU: its matrix products are not native here and can run up to 100x slower than "
                     "fp32; dtype auto (or fp32) is faster")
+    native = None
     if path.is_dir():
-        return load_hf(path, dtype, device), load_tokenizer(path)
-    if path.suffix == ".gguf":
-        from gemmalab.checkpoint.gguf import load_gguf
+        model, tokenizer = load_hf(path, dtype, device), load_tokenizer(path)
+    elif path.suffix == ".gguf":
+        from gemmalab.checkpoint.gguf import gguf_int4_codes, load_gguf
 
         model, reader = load_gguf(path, dtype, device)
-        return model, Tokenizer.from_gguf(reader)
-    if path.suffix in (".ckpt", ".pt", ".pth"):
+        tokenizer = Tokenizer.from_gguf(reader)
+        if quantize == "int4":
+            native = gguf_int4_codes(reader) or None  # a float GGUF has none: quantized here like any other
+    elif path.suffix in (".ckpt", ".pt", ".pth"):
         if config is None:
             raise GemmalabError(f"{path} is a gemma_pytorch checkpoint, which has no config: name a preset (e.g. gemma-2b).")
-        return load_gemma_pytorch(path, config, dtype, device), load_tokenizer(path)
-    raise GemmalabError(f"{path}: unknown model format; expected an HF model directory, a .gguf or a .ckpt file.")
+        model, tokenizer = load_gemma_pytorch(path, config, dtype, device), load_tokenizer(path)
+    else:
+        raise GemmalabError(f"{path}: unknown model format; expected an HF model directory, a .gguf or a .ckpt file.")
+    if quantize:
+        from gemmalab.model.quant import quantize as quantize_model
+
+        quantize_model(model, quantize, native=native)
+        if native:
+            log.info("int4: %d matrices keep the file's 4-bit grid; the others, stored at more bits, are int8",
+                     len(native))
+    return model, tokenizer
 
 
 __all__ = ["REGISTERED", "Gemma", "check_ref", "load", "load_config", "load_tokenizer", "resolve", "save_hf"]

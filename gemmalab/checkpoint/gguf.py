@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import Q4_K, dequantize
 
 from gemmalab.checkpoint.common import build_model
 from gemmalab.errors import GemmalabError
@@ -147,6 +147,46 @@ def gguf_tensors(reader: GGUFReader, source: str) -> dict[str, torch.Tensor]:
         if name.endswith("norm.weight"):
             tensor = tensor - 1.0  # llama.cpp's converter stores 1 + w
         out[name] = tensor.reshape(tuple(int(d) for d in reversed(t.shape)))
+    return out
+
+
+def _q4_k_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks [B, 144] -> (codes [B, 8, 32] in 0..15, scale [B, 8], minimum [B, 8]): 8 sub-blocks of
+    32 weights each, w = scale * code - minimum (the layout gguf.quants.Q4_K dequantizes)."""
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (qs & 0x0F).reshape(-1, 8, 32), d * sc.astype(np.float32), dmin * m.astype(np.float32)
+
+
+def _q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0 blocks [B, 18] -> (codes [B, 1, 32], scale [B, 1], minimum [B, 1]): w = d * (code - 8)."""
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    qs = blocks[:, 2:].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
+    return (qs & 0x0F).reshape(-1, 1, 32), d, 8 * d
+
+
+_INT4_TYPES = {GGMLQuantizationType.Q4_K: (144, _q4_k_codes), GGMLQuantizationType.Q4_0: (18, _q4_0_codes)}
+
+
+def gguf_int4_codes(reader: GGUFReader) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The file's own 4-bit grid of its Q4_K and Q4_0 matrices, in the form of gemmalab.model.quant's int4 (groups
+    of 32 input channels): our parameter name -> (q int32 [N, K] in 0..15, scales_and_zeros f32 [K / 32, N, 2]),
+    w = (q - 8) * scale + zero with zero = 8 * scale - minimum, which is the file's dequantized weight. Other
+    types (Q5_0, Q6_K, Q8_0, floats) are not in the map."""
+    out = {}
+    for t in reader.tensors:
+        name = _our_name(t.name)
+        if name is None or t.tensor_type not in _INT4_TYPES or len(t.shape) != 2:
+            continue
+        size, unpack = _INT4_TYPES[t.tensor_type]
+        K, N = (int(d) for d in t.shape)
+        codes, scale, minimum = unpack(np.asarray(t.data, dtype=np.uint8).reshape(-1, size))
+        q = torch.from_numpy(codes.astype(np.int32).reshape(N, K))
+        scale = torch.from_numpy(scale.reshape(N, K // 32))
+        zero = 8 * scale - torch.from_numpy(minimum.reshape(N, K // 32))
+        out[name] = (q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
     return out
 
 

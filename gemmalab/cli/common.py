@@ -12,6 +12,10 @@ from gemmalab.dtypes import DTYPE_CHOICES, parse_dtype
 from gemmalab.errors import GemmalabError
 
 
+AUTO_HELP = ("weights and activations (default auto: bf16 on CUDA and on CPUs that run it natively and fast, "
+             "else fp32; the choice is logged)")
+
+
 def dtype_arg(value: str) -> torch.dtype:
     """argparse `type` for --dtype: either spelling (bf16 or bfloat16)."""
     try:
@@ -37,12 +41,12 @@ def add_model(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", type=dtype_arg, default=torch.float32, metavar="|".join(DTYPE_CHOICES),
-                   help="weights and activations (default fp32)")
+    p.add_argument("--dtype", type=dtype_arg, default="auto", metavar="|".join(DTYPE_CHOICES), help=AUTO_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only quantization (int8: near-lossless; int4: faster, perplexity about 1.4-2x)")
+                   help="weight-only quantization (int8: near-lossless; int4: faster; a GGUF's Q4_K/Q4_0 matrices keep "
+                        "the file's grid, elsewhere int4 costs perplexity, about 1.4-2x)")
 
 
 def add_sampling(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
@@ -65,12 +69,8 @@ def load_model(ref: str | Path, preset: str | None = None, dtype: torch.dtype = 
     import gemmalab
     from gemmalab.model import get_preset
 
-    model, tokenizer = gemmalab.load(ref, dtype=dtype, device=device, config=get_preset(preset) if preset else None)
-    if quantize:
-        from gemmalab.model.quant import quantize as quantize_model
-
-        quantize_model(model, quantize)
-    return model, tokenizer
+    return gemmalab.load(ref, dtype=dtype, device=device, config=get_preset(preset) if preset else None,
+                         quantize=quantize)
 
 
 def load_runtime_model(args: argparse.Namespace):

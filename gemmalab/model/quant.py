@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmalab.dtypes import cpu_bf16_fast
 from gemmalab.errors import GemmalabError
 from gemmalab.model.gemma import Gemma
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+NATIVE_GROUP_SIZE = 32  # GGUF's Q4_K sub-blocks and Q4_0 blocks: 32 weights per (scale, minimum)
 # The int4 matmul always runs on bf16 activations: the CUDA kernel accepts nothing else, and on CPU the f32
 # path is several times slower than bf16 at decode (an int4 weight's error dwarfs bf16 activation rounding).
 INT4_COMPUTE_DTYPE = torch.bfloat16
@@ -66,6 +68,9 @@ def _int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Te
     """x [M, K] @ (q * scales).T -> [M, N] in x.dtype."""
     if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS.get(x.dtype, 32):  # decode, short prompts
         return torch._weight_int8pack_mm(x.contiguous(), q, scales.to(x.dtype))
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_bf16_fast():
+        # A bf16 matrix product is not native here (up to 100x slower than fp32): the many-row product in fp32.
+        return (F.linear(x.float(), q.float()) * scales.float()).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
 
 
@@ -170,7 +175,10 @@ class Int4Linear(nn.Module):
     Activations are cast to bf16 for the kernel (see INT4_COMPUTE_DTYPE) and the output back to x.dtype.
     """
 
-    def __init__(self, weight: torch.Tensor, group_size: int = 128):
+    def __init__(self, weight: torch.Tensor, group_size: int = 128,
+                 codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`codes`: (q, scales_and_zeros) as `quantize_int4` returns them, taken as they are (a file's own int4
+        grid, gemmalab.checkpoint.gguf); else `weight` is quantized here."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         problem = int4_shape_problem(self.out_features, self.in_features, group_size, weight.device)
@@ -178,7 +186,8 @@ class Int4Linear(nn.Module):
             raise GemmalabError(f"Cannot quantize a [{self.out_features}, {self.in_features}] weight to int4: {problem}.")
         self.group_size = group_size
         self.device_type = weight.device.type  # the packed layout differs between CPU and CUDA
-        q, scales_and_zeros = quantize_int4(weight, group_size)
+        q, scales_and_zeros = codes if codes is not None else quantize_int4(weight, group_size)
+        scales_and_zeros = scales_and_zeros.to(weight.device, INT4_COMPUTE_DTYPE)
         self.register_buffer("weight", _int4_pack(q, weight.device))
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K / group_size, N, 2]
 
@@ -201,7 +210,8 @@ def is_quantized(model: Gemma) -> bool:
 
 
 @torch.no_grad()
-def quantize(model: Gemma, mode: str, group_size: int = 128) -> Gemma:
+def quantize(model: Gemma, mode: str, group_size: int = 128,
+             native: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Gemma:
     """In place: every nn.Linear in the blocks and the output projection become weight-only int8 or int4 modules.
 
     "int8": symmetric int8 with per-output-channel scales (`Int8Linear`); activations stay in the model dtype.
@@ -209,6 +219,11 @@ def quantize(model: Gemma, mode: str, group_size: int = 128) -> Gemma:
     bf16 activations, returning the model dtype. Quantize on the device the model will run on (the int4
     layout is device-specific). The output projection becomes `model.lm_head`; the embedding lookup keeps its
     full-precision table. Returns the model.
+
+    `native` (int4 only): a quantized file's own int4 grid, parameter name ("layers.0.attn.o.weight",
+    "embed.weight") -> (q, scales_and_zeros) in groups of NATIVE_GROUP_SIZE (gemmalab.checkpoint.gguf). Those
+    layers take the file's codes as they are, so they compute the file's weights; the others, which the file stores
+    at more than 4 bits, become int8 instead of being rounded to a coarser grid.
 
     Raises GemmalabError for an unknown mode, an already quantized model, or a layer the kernel cannot take
     (naming the layer and why); the model is unchanged then.
@@ -225,19 +240,33 @@ def quantize(model: Gemma, mode: str, group_size: int = 128) -> Gemma:
     for name, m in linears.items():
         if m.bias is not None:
             raise GemmalabError(f"Cannot quantize {name}: it has a bias, which the quantized modules do not support.")
+    if native is not None and mode != "int4":
+        raise GemmalabError("`native` codes are int4 codes: quantize with mode int4.")
+    codes = {name: native.get("embed.weight" if name == "lm_head" else f"{name}.weight")
+             for name in weights} if native is not None else {}
     if mode == "int4":
         for name, w in weights.items():
-            problem = int4_shape_problem(*w.shape, group_size, w.device)
+            if native is not None and codes[name] is None:
+                continue  # int8
+            g = NATIVE_GROUP_SIZE if codes.get(name) is not None else group_size
+            problem = int4_shape_problem(*w.shape, g, w.device)
             if problem:
                 raise GemmalabError(f"Cannot quantize {name} [{w.shape[0]}, {w.shape[1]}] to int4: {problem}.")
+            if codes.get(name) is not None and codes[name][0].shape != w.shape:
+                raise GemmalabError(f"The int4 codes of {name} are {tuple(codes[name][0].shape)}, the weight "
+                                    f"{tuple(w.shape)}.")
 
-    def build(w: torch.Tensor) -> nn.Module:
-        return Int8Linear(w) if mode == "int8" else Int4Linear(w, group_size)
+    def build(name: str, w: torch.Tensor) -> nn.Module:
+        if mode == "int8" or (native is not None and codes[name] is None):
+            return Int8Linear(w)
+        if codes.get(name) is not None:
+            return Int4Linear(w, NATIVE_GROUP_SIZE, codes[name])
+        return Int4Linear(w, group_size)
 
     for name, m in linears.items():
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, build(m.weight))
-    model.lm_head = build(model.embed.weight)
+        setattr(model.get_submodule(parent), attr, build(name, m.weight))
+    model.lm_head = build("lm_head", model.embed.weight)
     return model
 
 
