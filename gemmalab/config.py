@@ -45,6 +45,9 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise GemmalabError(f"{p}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
+        raise GemmalabError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            f"TOML files must be UTF-8") from None
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -59,6 +59,9 @@ def test_types_are_checked_and_errors_name_the_file_and_key(tmp_path):
         load(Outer, None, ["inner.rate=fast"])
     with pytest.raises(GemmalabError, match="config file not found"):
         load(Outer, tmp_path / "missing.toml")
+    path.write_bytes(b'name = "caf\xe9"\n')  # Latin-1, not UTF-8: a named error, not a UnicodeDecodeError traceback
+    with pytest.raises(GemmalabError, match=r"c\.toml: not UTF-8 text \(byte 0xe9 at offset 11\)"):
+        load(Outer, path)
 
 
 def test_snapshot_loads_back_to_the_same_config(tmp_path):
