@@ -41,8 +41,9 @@ _GGUF_NAMES = {"attn_norm": "attn_norm", "attn.q": "attn_q", "attn.k": "attn_k",
                "mlp.up": "ffn_up", "mlp.down": "ffn_down", "post_mlp_norm": "post_ffw_norm"}
 
 
-def write_gguf(model, path, quantize=gguf.GGMLQuantizationType.Q8_0):
-    """A GGUF as llama.cpp's converter writes it: norms hold 1 + w, 2-D weights quantized."""
+def write_gguf(model, path, quantize=gguf.GGMLQuantizationType.Q8_0, head_count=None):
+    """A GGUF as llama.cpp's converter writes it: norms hold 1 + w, 2-D weights quantized. `head_count`: written
+    instead of the model's (a broken file: 0, or a string)."""
     c = model.config
     arch = c.family
     w = gguf.GGUFWriter(str(path), arch)
@@ -50,7 +51,10 @@ def write_gguf(model, path, quantize=gguf.GGMLQuantizationType.Q8_0):
     w.add_embedding_length(c.dim)
     w.add_block_count(c.n_layers)
     w.add_feed_forward_length(c.ffn_dim)
-    w.add_head_count(c.n_heads)
+    if isinstance(head_count, str):
+        w.add_string(f"{arch}.attention.head_count", head_count)
+    else:
+        w.add_head_count(c.n_heads if head_count is None else head_count)
     w.add_head_count_kv(c.n_kv_heads)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
@@ -90,6 +94,14 @@ def test_gguf_loads_with_dequantized_weights_and_unfolded_norms(tmp_path, preset
         else:
             assert (a - b).abs().max() < 0.02, name  # Q8_0 rounding only
     assert (_logits(loaded) - _logits(model)).abs().max() < 0.5  # close to the source model: mapping and config hold
+
+
+@pytest.mark.parametrize("head_count", [0, "four"])
+def test_gguf_with_a_broken_head_count_is_a_clear_error(tmp_path, head_count):
+    path = write_gguf(_model(), tmp_path / "m.gguf", head_count=head_count)
+    with pytest.raises(GemmalabError, match=rf"m\.gguf: metadata key \w+\.attention\.head_count must be a whole "
+                                            rf"number >= 1, got {head_count!r}"):
+        load_gguf(path)
 
 
 def test_truncated_and_corrupt_gguf_are_clear_errors(tmp_path):

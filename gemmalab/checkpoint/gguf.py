@@ -81,11 +81,18 @@ def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
             raise GemmalabError(f"{source}: metadata key {arch}.{key} is missing.")
         return value
 
+    def count(key, default=None):
+        """A size or count: a whole number >= 1 (0 heads would divide by zero, a string is no size)."""
+        value = need(key) if default is None else field(reader, f"{arch}.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise GemmalabError(f"{source}: metadata key {arch}.{key} must be a whole number >= 1, got {value!r}.")
+        return int(value)
+
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise GemmalabError(f"{source}: tensor token_embd.weight is missing.")
-    dim, n_heads, n_layers = int(need("embedding_length")), int(need("attention.head_count")), int(need("block_count"))
-    head_dim = int(field(reader, f"{arch}.attention.key_length", dim // n_heads))
+    dim, n_heads, n_layers = count("embedding_length"), count("attention.head_count"), count("block_count")
+    head_dim = count("attention.key_length", dim // n_heads)
     # GGUF does not store query_pre_attn_scalar; the 27B models use d_model / heads, the others head_dim.
     big = (family == "gemma2" and n_layers == 46) or (family == "gemma3" and n_layers == 62)
     local = family != "gemma"
@@ -95,10 +102,10 @@ def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
         dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        n_kv_heads=count("attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        ffn_dim=int(need("feed_forward_length")),
-        max_seq_len=int(need("context_length")),
+        ffn_dim=count("feed_forward_length"),
+        max_seq_len=count("context_length"),
         norm_eps=_f32(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(field(reader, f"{arch}.rope.freq_base", 1e6 if family == "gemma3" else 1e4)),
         rope_local_theta=10_000.0 if family == "gemma3" else None,
@@ -106,7 +113,7 @@ def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
         query_pre_attn_scalar=dim / n_heads if big else None,
         attn_softcap=field(reader, f"{arch}.attn_logit_softcapping", 50.0 if family == "gemma2" else None),
         final_softcap=field(reader, f"{arch}.final_logit_softcapping", 30.0 if family == "gemma2" else None),
-        sliding_window=int(need("attention.sliding_window")) if local else None,
+        sliding_window=count("attention.sliding_window") if local else None,
         sliding_pattern={"gemma": 0, "gemma2": 2, "gemma3": 6}[family],
         post_norms=local,
         qk_norm=family == "gemma3",
