@@ -72,7 +72,8 @@ def main() -> None:
     path = gemmalab.checkpoint.resolve("gemma3-270m")
     start = time.perf_counter()
     model, tokenizer = gemmalab.load(path)
-    native = gguf_int4_codes(open_gguf(path))
+    # the file's Q4 codes, read only when a mode uses them
+    native = gguf_int4_codes(open_gguf(path)) if "int4gguf" in args.modes + args.batch_modes else {}
     quant_dtype = parse_dtype(args.quant_dtype)
     results = {"machine": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "auto": dtype_name(parse_dtype("auto")), "quant_dtype": dtype_name(quant_dtype),

@@ -112,7 +112,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     base, tokenizer = gemmalab.load("gemma3-270m")
-    native = gguf_int4_codes(open_gguf(resolve("gemma3-270m")))
     segments = eval_segments(tokenizer, args.tokens, args.ctx)
     results = {"machine": cpu_description(), "threads": args.threads,
                "torch": torch.__version__, "python": platform.python_version(),
@@ -121,6 +120,7 @@ def main() -> None:
     print(f"{'mode':10s} {'ppl':>8s} {'tok/s':>7s} {'same_as_fp32':>12s} {'MiB':>7s} {'ppl_s':>6s}")
     fp32_ids = None
     wanted = args.modes.split(",")
+    native = gguf_int4_codes(open_gguf(resolve("gemma3-270m"))) if "int4gguf" in args.modes else None
     for name, dtype, mode in MODES:
         if name not in wanted:
             continue

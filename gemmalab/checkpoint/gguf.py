@@ -12,6 +12,7 @@ from gguf.quants import Q4_K, dequantize
 from gemmalab.checkpoint.common import build_model
 from gemmalab.errors import GemmalabError
 from gemmalab.model import Gemma, ModelConfig
+from gemmalab.model.quant import NATIVE_GROUP_SIZE
 
 _ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
 _BLOCK_NAMES = {
@@ -191,8 +192,8 @@ def gguf_int4_codes(reader: GGUFReader) -> dict[str, tuple[torch.Tensor, torch.T
         K, N = (int(d) for d in t.shape)
         codes, scale, minimum = unpack(np.asarray(t.data, dtype=np.uint8).reshape(-1, size))
         q = torch.from_numpy(codes.astype(np.int32).reshape(N, K))
-        scale = torch.from_numpy(scale.reshape(N, K // 32))
-        zero = 8 * scale - torch.from_numpy(minimum.reshape(N, K // 32))
+        scale = torch.from_numpy(scale.reshape(N, K // NATIVE_GROUP_SIZE))
+        zero = 8 * scale - torch.from_numpy(minimum.reshape(N, K // NATIVE_GROUP_SIZE))
         out[name] = (q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
     return out
 

@@ -12,10 +12,6 @@ from gemmalab.dtypes import DTYPE_CHOICES, parse_dtype
 from gemmalab.errors import GemmalabError
 
 
-AUTO_HELP = ("weights and activations (default auto: bf16 on CUDA and on CPUs that run it natively and fast, "
-             "else fp32; the choice is logged)")
-
-
 def dtype_arg(value: str) -> torch.dtype:
     """argparse `type` for --dtype: either spelling (bf16 or bfloat16)."""
     try:
@@ -35,13 +31,20 @@ def positive_int(value: str) -> int:
     return n
 
 
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    """--dtype of an inference command: auto by default (bf16 where it is native and fast, else fp32)."""
+    p.add_argument("--dtype", type=dtype_arg, default="auto", metavar="|".join(DTYPE_CHOICES),
+                   help="weights and activations (default auto: bf16 on CUDA and on CPUs that run it natively and "
+                        "fast, else fp32; the choice is logged)")
+
+
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory, .gguf file, .ckpt file or registered name (gemma3-270m)")
     p.add_argument("--preset", help="model preset for a gemma_pytorch .ckpt, which carries no config (e.g. gemma-2b)")
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", type=dtype_arg, default="auto", metavar="|".join(DTYPE_CHOICES), help=AUTO_HELP)
+    add_dtype(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--quantize", choices=["int8", "int4"],

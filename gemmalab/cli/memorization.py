@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gemmalab.cli.common import AUTO_HELP, dtype_arg, positive_int, set_threads
-from gemmalab.dtypes import DTYPE_CHOICES
+from gemmalab.cli.common import add_dtype, positive_int, set_threads
 
 
 def add_parser(sub) -> None:
@@ -24,7 +23,7 @@ def add_parser(sub) -> None:
                    help="leave out the character-level variant (rows then leave on the token-level bound alone: faster)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per decode step")
     p.add_argument("--prefill-batch", type=positive_int, default=8, help="prompts prefilled together")
-    p.add_argument("--dtype", type=dtype_arg, default="auto", metavar="|".join(DTYPE_CHOICES), help=AUTO_HELP)
+    add_dtype(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=Path("runs/memorization"), help="run directory (resumes the audit it holds)")

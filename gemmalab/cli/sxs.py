@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gemmalab.cli.common import AUTO_HELP, dtype_arg, positive_int, set_threads
-from gemmalab.dtypes import DTYPE_CHOICES
+from gemmalab.cli.common import add_dtype, positive_int, set_threads
 
 
 def add_parser(sub) -> None:
@@ -32,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline-top-p", type=float)
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of both models; the bootstrap's is 0")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--dtype", type=dtype_arg, default="auto", metavar="|".join(DTYPE_CHOICES), help=AUTO_HELP)
+    add_dtype(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=Path("runs/sxs"), help="run directory (resumes the run it holds)")

@@ -242,31 +242,35 @@ def quantize(model: Gemma, mode: str, group_size: int = 128,
             raise GemmalabError(f"Cannot quantize {name}: it has a bias, which the quantized modules do not support.")
     if native is not None and mode != "int4":
         raise GemmalabError("`native` codes are int4 codes: quantize with mode int4.")
-    codes = {name: native.get("embed.weight" if name == "lm_head" else f"{name}.weight")
-             for name in weights} if native is not None else {}
-    if mode == "int4":
-        for name, w in weights.items():
-            if native is not None and codes[name] is None:
-                continue  # int8
-            g = NATIVE_GROUP_SIZE if codes.get(name) is not None else group_size
-            problem = int4_shape_problem(*w.shape, g, w.device)
-            if problem:
-                raise GemmalabError(f"Cannot quantize {name} [{w.shape[0]}, {w.shape[1]}] to int4: {problem}.")
-            if codes.get(name) is not None and codes[name][0].shape != w.shape:
-                raise GemmalabError(f"The int4 codes of {name} are {tuple(codes[name][0].shape)}, the weight "
-                                    f"{tuple(w.shape)}.")
 
-    def build(name: str, w: torch.Tensor) -> nn.Module:
-        if mode == "int8" or (native is not None and codes[name] is None):
-            return Int8Linear(w)
-        if codes.get(name) is not None:
-            return Int4Linear(w, NATIVE_GROUP_SIZE, codes[name])
-        return Int4Linear(w, group_size)
+    def plan(name: str) -> tuple[str, tuple[torch.Tensor, torch.Tensor] | None]:
+        """("int8", None), ("int4", None) to quantize here, or ("int4", the file's codes)."""
+        if native is None:
+            return mode, None
+        given = native.get("embed.weight" if name == "lm_head" else f"{name}.weight")
+        return ("int4", given) if given is not None else ("int8", None)  # not 4-bit in the file: int8
 
-    for name, m in linears.items():
+    plans = {name: plan(name) for name in weights}
+    for name, (kind, given) in plans.items():
+        if kind != "int4":
+            continue
+        w = weights[name]
+        problem = int4_shape_problem(*w.shape, group_size if given is None else NATIVE_GROUP_SIZE, w.device)
+        if problem:
+            raise GemmalabError(f"Cannot quantize {name} [{w.shape[0]}, {w.shape[1]}] to int4: {problem}.")
+        if given is not None and given[0].shape != w.shape:
+            raise GemmalabError(f"The int4 codes of {name} are {tuple(given[0].shape)}, the weight {tuple(w.shape)}.")
+
+    def build(name: str) -> nn.Module:
+        kind, given = plans[name]
+        if kind == "int8":
+            return Int8Linear(weights[name])
+        return Int4Linear(weights[name], group_size if given is None else NATIVE_GROUP_SIZE, given)
+
+    for name in linears:
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, build(name, m.weight))
-    model.lm_head = build("lm_head", model.embed.weight)
+        setattr(model.get_submodule(parent), attr, build(name))
+    model.lm_head = build("lm_head")
     return model
 
 
