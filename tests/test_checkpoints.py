@@ -1,6 +1,7 @@
 """Checkpoint formats (GGUF, gemma_pytorch .ckpt, HF) and what happens with bad files."""
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from gemmalab import GemmalabError
 from gemmalab.checkpoint import load
 from gemmalab.checkpoint.gemma_pytorch import load_gemma_pytorch
-from gemmalab.checkpoint.gguf import load_gguf
+from gemmalab.checkpoint.gguf import load_gguf, open_gguf
 from gemmalab.checkpoint.hf import hf_name, load_hf, save_hf
 from gemmalab.model import Gemma, get_preset
 
@@ -112,6 +113,45 @@ def test_truncated_and_corrupt_gguf_are_clear_errors(tmp_path):
     for name in ("cut.gguf", "junk.gguf"):
         with pytest.raises(GemmalabError, match=name):
             load_gguf(tmp_path / name)
+
+
+def _gguf_bytes(kvs: list[bytes], tensors: int = 0) -> bytes:
+    """A GGUF v3 header holding these raw key/value records."""
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kvs)) + b"".join(kvs)
+
+
+def _array_kv(key: str, item_type: int, count: int, items: bytes = b"") -> bytes:
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IIQ", 9, item_type, count) + items  # 9: ARRAY
+
+
+@pytest.mark.parametrize("item_type,what", [(8, "array of STRING"), (6, "array of FLOAT32"), (9, "array of ARRAY")])
+def test_gguf_array_counts_that_cannot_fit_are_refused(tmp_path, item_type, what):
+    """A count of 2**60 items in a 60-byte file: refused at once, naming the file, key and count (it hung, allocating
+    a list entry per missing string)."""
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(_gguf_bytes([_array_kv("tokenizer.ggml.tokens", item_type, 2**60, b"\x01" * 16)]))
+    with pytest.raises(GemmalabError, match=rf"huge\.gguf is not a readable GGUF file: metadata key "
+                                            rf"'tokenizer\.ggml\.tokens': {what}: a count of 1,152,921,504,606,846,976 "
+                                            rf"cannot fit"):
+        open_gguf(path)
+
+
+@pytest.mark.parametrize("header,what", [(struct.pack("<IQQ", 3, 0, 2**62), "GGUF.kv_count"),
+                                         (struct.pack("<IQQ", 3, 2**62, 0), "GGUF.tensor_count")])
+def test_gguf_key_and_tensor_counts_that_cannot_fit_are_refused(tmp_path, header, what):
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(b"GGUF" + header + bytes(64))
+    with pytest.raises(GemmalabError, match=rf"huge\.gguf is not a readable GGUF file: {what}: a count of"):
+        open_gguf(path)
+
+
+def test_gguf_string_longer_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "long.gguf"
+    strings = struct.pack("<Q", 1) + b"a" + struct.pack("<Q", 2**40) + b"b"
+    path.write_bytes(_gguf_bytes([_array_kv("tokenizer.ggml.tokens", 8, 2, strings)]))
+    with pytest.raises(GemmalabError, match=r"'tokenizer\.ggml\.tokens': string 1 of the array .* runs past the end"):
+        open_gguf(path)
 
 
 # --- gemma_pytorch ----------------------------------------------------------------------------------------

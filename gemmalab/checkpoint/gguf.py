@@ -23,29 +23,76 @@ _BLOCK_NAMES = {
 }
 
 
+class GGUFFormatError(ValueError):
+    """A count or length in a GGUF header that cannot fit in the file (open_gguf names the file)."""
+
+
+# The fewest bytes one item takes: a string its 8-byte length, an array its type and count, a key/value pair its
+# key's length, its type and at least one byte of value, a tensor's info its name length, dims count, type, offset.
+_MIN_STRING, _MIN_ARRAY, _MIN_KV, _MIN_TENSOR_INFO = 8, 12, 13, 24
+
+
 class _ArrayFastReader(GGUFReader):
-    """GGUFReader that reads metadata arrays in bulk.
+    """GGUFReader that reads metadata arrays in bulk, and refuses counts the file cannot hold.
 
     The stock reader makes several numpy views per array element; for a 262k-token vocabulary that is ~10 s.
     Here a scalar array is one numpy view and a string array two memoryview slices per string, which `contents()` reads as
     before (whole-field `contents()` only: `contents(i)` of a scalar array is not supported).
+
+    Reads past the end of a memory map give empty slices, not errors, so a hostile count (2**60 strings) would
+    loop and allocate for ever: every count and length is checked against the bytes left first.
     """
 
+    def _fits(self, offs: int, count: int, item_bytes: int, what: str) -> None:
+        left = max(0, len(self.data) - offs)
+        if count * item_bytes > left:
+            raise GGUFFormatError(f"{what}: a count of {count:,} cannot fit in the {left:,} bytes left in the file")
+
+    def _build_fields(self, offs, count):
+        count = int(count)
+        self._fits(offs, count, _MIN_KV, "GGUF.kv_count")
+        for _ in range(count):  # one key at a time, so that an error names its key
+            self._fits(offs, 1, _MIN_STRING, "metadata key")
+            klen = int(self._get(offs, np.uint64)[0])
+            self._fits(offs + _MIN_STRING, klen, 1, "metadata key length")
+            key = bytes(self.data[offs + 8:offs + 8 + klen]).decode("utf-8", "replace")
+            try:
+                offs = super()._build_fields(offs, 1)
+            except GGUFFormatError as e:
+                raise GGUFFormatError(f"metadata key {key!r}: {e}") from None
+        return offs
+
+    def _build_tensor_info(self, offs, count):
+        self._fits(offs, int(count), _MIN_TENSOR_INFO, "GGUF.tensor_count")
+        return super()._build_tensor_info(offs, count)
+
     def _get_field_parts(self, orig_offs, raw_type):
-        if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I":
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+            if GGUFValueType(raw_type) == GGUFValueType.STRING:
+                self._fits(orig_offs, 1, _MIN_STRING, "string")
+                self._fits(orig_offs + _MIN_STRING, int(self._get(orig_offs, np.uint64)[0]), 1, "string length")
             return super()._get_field_parts(orig_offs, raw_type)
+        self._fits(orig_offs, 1, _MIN_ARRAY, "array")
         raw_itype = self._get(orig_offs, np.uint32)
         alen = self._get(orig_offs + 4, np.uint64)
         itype, count, offs = GGUFValueType(raw_itype[0]), int(alen[0]), orig_offs + 12
         nptype = self.gguf_scalar_to_np.get(itype)
+        item_bytes = np.dtype(nptype).itemsize if nptype is not None else \
+            _MIN_STRING if itype == GGUFValueType.STRING else _MIN_ARRAY
+        self._fits(offs, count, item_bytes, f"array of {itype.name}")
+        if self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
         if nptype is not None:
             values = self._get(offs, nptype, count)
             return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
         if itype != GGUFValueType.STRING:
             return super()._get_field_parts(orig_offs, raw_type)
         parts, data, buf = [raw_itype, alen], [], memoryview(self.data)  # memoryview slices are cheap
-        for _ in range(count):
+        for i in range(count):
             end = offs + 8 + int.from_bytes(buf[offs:offs + 8], "little")
+            if end > len(buf):  # also when fewer than the 8 bytes of its length are left
+                raise GGUFFormatError(f"string {i} of the array (length {end - offs - 8:,}) runs past the end of "
+                                      f"the file")
             parts += [buf[offs:offs + 8], buf[offs + 8:end]]  # like numpy parts: .nbytes and .tobytes()
             data.append(len(parts) - 1)
             offs = end
@@ -59,6 +106,8 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise GemmalabError(f"{path} does not exist or is not a file.")
     try:
         return _ArrayFastReader(path)
+    except GGUFFormatError as e:
+        raise GemmalabError(f"{path} is not a readable GGUF file: {e}.") from None
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
         raise GemmalabError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}.") from None
 
