@@ -238,6 +238,45 @@ def test_config_with_wrong_or_missing_fields(tmp_path):
             load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "gemma3", "text_config": [1]}, "field 'text_config' must be an object, got \\[1\\]"),
+    ({"rope_parameters": [1]}, "field 'rope_parameters' must be an object"),
+    ({"rope_scaling": "x"}, "field 'rope_scaling' must be an object"),
+    ({"vocab_size": 3.7}, "field 'vocab_size' must be a whole number, got 3.7"),
+    ({"vocab_size": True}, "field 'vocab_size' must be a whole number, got True"),
+    ({"hidden_size": "big"}, "field 'hidden_size' must be a whole number, got 'big'"),
+    ({"rms_norm_eps": float("nan")}, "field 'rms_norm_eps' must be a finite number, got nan"),
+    ({"layer_types": "abc"}, "field 'layer_types' must be a list"),
+    ({"layer_types": ["full_attention"]}, "layer_types must list 'full_attention' or 'sliding_attention' for each"),
+    ({"model_type": ["gemma"]}, "is not a Gemma model"),
+    ({"num_hidden_layers": 10**9, "layer_types": None}, "holds the tensors of 6 layer\\(s\\), but its config says 1000000000"),
+])
+def test_malformed_config_json_fields_are_named(tmp_path, change, message):
+    """Wrong types and impossible sizes in config.json: a GemmalabError naming the file and field, never an
+    AttributeError, a silently truncated 3.7, or an hour building 10**9 layers."""
+    save_hf(_model(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(GemmalabError, match=rf"{tmp_path}.*{message}"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("index,message", [
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"weight_map": []}', "has no weight_map object"),
+    ('{"weight_map": {}}', "has no weight_map object"),
+    ('{"weight_map": {"model.norm.weight": 7}}', r"weight_map\['model.norm.weight'\] must be a file name in .*, got 7"),
+    ('{"weight_map": {"model.norm.weight": "../../etc/passwd"}}', "must be a file name in"),
+    ('{"weight_map": {"model.norm.weight": ".."}}', "must be a file name in"),
+    ('{"weight_map": {"model.norm.weight": "gone.safetensors"}}', "gone.safetensors is listed in the index but does not exist"),
+])
+def test_malformed_safetensors_index_is_named(tmp_path, index, message):
+    save_hf(_model(), tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(GemmalabError, match=message):
+        load_hf(tmp_path)
+
+
 def test_checkpoint_mismatch_lists_missing_unexpected_and_misshaped(tmp_path):
     from safetensors.torch import load_file, save_file
 

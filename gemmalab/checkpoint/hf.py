@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gemmalab.checkpoint.common import build_model
+from gemmalab.checkpoint.common import build_model, check_layer_count
 from gemmalab.errors import GemmalabError
 from gemmalab.model import Gemma, ModelConfig
 
@@ -78,12 +79,15 @@ def to_hf_config(c: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
 
 
 def _sliding_pattern(layer_types: list[str], source: str) -> int:
-    if all(t == "full_attention" for t in layer_types):
+    """The n of "every n-th layer is global" that `layer_types` follows (0: all global), in one pass."""
+    full = [t == "full_attention" for t in layer_types]
+    if all(full):
         return 0
-    for n in range(2, len(layer_types) + 2):
-        if all((t == "full_attention") == ((i + 1) % n == 0) for i, t in enumerate(layer_types)):
-            return n
-    raise GemmalabError(f"{source}: layer_types {layer_types} is not a repeating local/global pattern gemmalab supports.")
+    n = full.index(True) + 1 if any(full) else len(full) + 1  # the first global layer fixes n
+    if n < 2 or any(f != ((i + 1) % n == 0) for i, f in enumerate(full)):
+        raise GemmalabError(f"{source}: layer_types {str(layer_types)[:200]} is not a repeating local/global pattern "
+                            f"gemmalab supports.")
+    return n
 
 
 def _scalar(value, head_dim) -> float | None:
@@ -91,54 +95,93 @@ def _scalar(value, head_dim) -> float | None:
     return None if value is None or value == head_dim else float(value)
 
 
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed reads of a config.json object: a missing or mistyped field is a GemmalabError naming it (a string where
+    a size belongs, a list where an object belongs, 3.7 layers). None counts as absent, as transformers writes it."""
+
+    def __init__(self, cfg: dict, source: str) -> None:
+        self.cfg, self.source = cfg, source
+
+    def get(self, key: str, kind: type, default=_REQUIRED, table: dict | None = None):
+        value = (self.cfg if table is None else table).get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise GemmalabError(f"{self.source}: required field {key!r} is missing.")
+            return default
+        numeric = kind in (int, float) and isinstance(value, bool)  # JSON true is no size
+        if numeric or not isinstance(value, (int, float) if kind is float else kind) or (
+                kind is float and not math.isfinite(value)):  # Python's json reads NaN and Infinity
+            raise GemmalabError(f"{self.source}: field {key!r} must be {_KIND_NAMES[kind]}, got {value!r:.80}.")
+        return float(value) if kind is float else value
+
+    def table(self, key: str, table: dict | None = None) -> dict:
+        return self.get(key, dict, {}, table)
+
+
+_KIND_NAMES = {int: "a whole number", float: "a finite number", str: "a string", list: "a list", dict: "an object"}
+
+
 def from_hf_config(cfg: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a transformers config dict (gemma, gemma2, gemma3_text, or gemma3 with a text_config)."""
+    if not isinstance(cfg, dict):
+        raise GemmalabError(f"{source} must hold a JSON object.")
     if cfg.get("model_type") == "gemma3" and "text_config" in cfg:
-        cfg = {"model_type": "gemma3_text", **cfg["text_config"]}
+        cfg = {"model_type": "gemma3_text", **_Fields(cfg, source).table("text_config")}
     model_type = cfg.get("model_type")
-    family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(model_type)
+    family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}.get(model_type) \
+        if isinstance(model_type, str) else None
     if family is None:
-        raise GemmalabError(f"{source}: model_type {model_type!r} is not a Gemma model (expected gemma, gemma2 or gemma3_text).")
+        raise GemmalabError(f"{source}: model_type {model_type!r:.80} is not a Gemma model (expected gemma, gemma2 or "
+                            f"gemma3_text).")
+    f = _Fields(cfg, source)
+    rope = f.table("rope_parameters")
+    full, local = f.table("full_attention", rope) or rope, f.table("sliding_attention", rope)
+    scaling = f.table("rope_scaling") or (full if full.get("rope_type") == "linear" else {})
+    n_layers, heads, head_dim = f.get("num_hidden_layers", int), f.get("num_attention_heads", int), f.get("head_dim", int, 256)
+    layer_types = f.get("layer_types", list, None)
+    if layer_types is not None and (len(layer_types) != n_layers or
+                                    not all(t in ("full_attention", "sliding_attention") for t in layer_types)):
+        raise GemmalabError(f"{source}: layer_types must list 'full_attention' or 'sliding_attention' for each of the "
+                            f"{n_layers} layers, got {str(layer_types)[:200]}.")
+    if family == "gemma":
+        sliding_pattern = 0
+    elif layer_types is not None:
+        sliding_pattern = _sliding_pattern(layer_types, source)
+    else:  # every n-th layer global (n = 2 in Gemma 2); with fewer than n layers, all are local
+        n = 2 if family == "gemma2" else f.get("sliding_window_pattern", int, 6)
+        sliding_pattern = 0 if n <= 1 else n if n <= n_layers else n_layers + 1
+    values = dict(
+        family=family,
+        vocab_size=f.get("vocab_size", int),
+        dim=f.get("hidden_size", int),
+        n_layers=n_layers,
+        n_heads=heads,
+        n_kv_heads=f.get("num_key_value_heads", int, heads),
+        head_dim=head_dim,  # 256: the HF Gemma config default
+        ffn_dim=f.get("intermediate_size", int),
+        max_seq_len=f.get("max_position_embeddings", int, 8192),
+        norm_eps=f.get("rms_norm_eps", float, 1e-6),
+        rope_theta=f.get("rope_theta", float, None, full) or f.get("rope_theta", float,
+                                                                   1e6 if family == "gemma3" else 1e4),
+        rope_local_theta=(f.get("rope_theta", float, None, local) or f.get("rope_local_base_freq", float, 1e4))
+        if family == "gemma3" else None,
+        rope_scaling=f.get("factor", float, 1.0, scaling),
+        query_pre_attn_scalar=_scalar(f.get("query_pre_attn_scalar", float, None), head_dim)
+        if family != "gemma" else None,
+        attn_softcap=f.get("attn_logit_softcapping", float, 50.0 if family == "gemma2" else None),
+        final_softcap=f.get("final_logit_softcapping", float, 30.0 if family == "gemma2" else None),
+        sliding_window=f.get("sliding_window", int, 4096) if family != "gemma" else None,
+        sliding_pattern=sliding_pattern,
+        post_norms=family != "gemma",
+        qk_norm=family == "gemma3",
+    )
     try:
-        get = lambda key, default=None: cfg[key] if cfg.get(key) is not None else default  # noqa: E731
-        rope = cfg.get("rope_parameters") or {}
-        full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
-        scaling = cfg.get("rope_scaling") or (full if full.get("rope_type") == "linear" else {})
-        n_layers = int(cfg["num_hidden_layers"])
-        default_pattern = {"gemma": 0, "gemma2": 2, "gemma3": cfg.get("sliding_window_pattern", 6)}[family]
-        layer_types = get("layer_types") or [
-            "full_attention" if not default_pattern or (i + 1) % default_pattern == 0 else "sliding_attention"
-            for i in range(n_layers)
-        ]
-        heads = int(cfg["num_attention_heads"])
-        return ModelConfig(
-            family=family,
-            vocab_size=int(cfg["vocab_size"]),
-            dim=int(cfg["hidden_size"]),
-            n_layers=n_layers,
-            n_heads=heads,
-            n_kv_heads=int(get("num_key_value_heads", heads)),
-            head_dim=int(get("head_dim", 256)),  # the HF Gemma config default
-            ffn_dim=int(cfg["intermediate_size"]),
-            max_seq_len=int(get("max_position_embeddings", 8192)),
-            norm_eps=float(get("rms_norm_eps", 1e-6)),
-            rope_theta=float(full.get("rope_theta") or get("rope_theta", 1e6 if family == "gemma3" else 1e4)),
-            rope_local_theta=float(local.get("rope_theta") or get("rope_local_base_freq", 1e4)) if family == "gemma3" else None,
-            rope_scaling=float(scaling.get("factor", 1.0)),
-            query_pre_attn_scalar=_scalar(get("query_pre_attn_scalar"), get("head_dim")) if family != "gemma" else None,
-            attn_softcap=get("attn_logit_softcapping", 50.0 if family == "gemma2" else None),
-            final_softcap=get("final_logit_softcapping", 30.0 if family == "gemma2" else None),
-            sliding_window=get("sliding_window", 4096) if family != "gemma" else None,
-            sliding_pattern=_sliding_pattern(layer_types, source) if family != "gemma" else 0,
-            post_norms=family != "gemma",
-            qk_norm=family == "gemma3",
-        )
-    except KeyError as e:
-        raise GemmalabError(f"{source}: required field {e.args[0]!r} is missing.") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, GemmalabError):
-            raise GemmalabError(f"{source}: {e}") from None
-        raise GemmalabError(f"{source}: a field has the wrong type ({e}).") from None
+        return ModelConfig(**values)
+    except GemmalabError as e:  # ModelConfig's own checks (a multiple of n_kv_heads, sizes >= 1)
+        raise GemmalabError(f"{source}: {e}") from None
 
 
 def read_model_json(path: Path) -> dict:
@@ -160,8 +203,12 @@ def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_model_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise GemmalabError(f"{index} has no weight_map object.")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GemmalabError(f"{index} has no weight_map object naming the weight files.")
+        for name, file in weight_map.items():  # file names in this folder: an index cannot point elsewhere
+            if not isinstance(file, str) or Path(file).name != file or file == "..":
+                raise GemmalabError(f"{index}: weight_map[{name!r:.80}] must be a file name in {directory}, "
+                                    f"got {file!r:.80}.")
         return [directory / f for f in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if not single.exists():
@@ -189,6 +236,7 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: s
     directory = Path(directory)
     config = from_hf_config(read_model_json(directory / "config.json"), str(directory / "config.json"))
     raw = read_safetensors(_weight_files(directory))
+    check_layer_count(config, raw, str(directory))
     names = hf_to_ours(config)
     tensors = {}
     for key, t in raw.items():
