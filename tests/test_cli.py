@@ -3,6 +3,7 @@ key (no traceback), and the dtype flag takes the same spellings as configs."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -62,14 +63,56 @@ def test_pretrain_dry_run_prints_the_plan(capsys):
     ["serve", "--model", "m", "--max-batch-size", "0"],
     ["memorization", "--model", "m", "--corpus", "c", "--prefill-batch", "0"],
     ["sxs", "--model", "a", "--baseline", "b", "--judge", "reference", "--batch-size", "zero"],
+    ["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "-1"],
+    ["generate", "--model", "m", "--prompt", "hi", "--top-k", "0"],
+    ["chat", "--model", "m", "--top-p", "1.5"],
+    ["chat", "--model", "m", "--temperature", "-0.1"],
+    ["chat", "--model", "m", "--temperature", "nan"],
+    ["serve", "--model", "m", "--port", "70000"],
+    ["eval", "--model", "m", "--tasks", "checkable", "--code-timeout", "0"],
+    ["memorization", "--model", "m", "--corpus", "c", "--prefix", "0"],
+    ["memorization", "--model", "m", "--corpus", "c", "--threshold", "-1"],
+    ["sxs", "--model", "a", "--baseline", "b", "--judge", "reference", "--judge-concurrency", "0"],
+    ["sxs", "--model", "a", "--baseline", "b", "--judge", "reference", "--judge-retries", "-1"],
+    ["sxs", "--model", "a", "--baseline", "b", "--judge", "reference", "--judge-rps", "0"],
+    ["sxs", "--model", "a", "--baseline", "b", "--judge", "reference", "--baseline-top-p", "0"],
+    ["tokenizer", "train", "--input", "x", "--out", "o", "--vocab-size", "0"],
+    ["tokenizer", "train", "--input", "x", "--out", "o", "--vocab-size", "9", "--input-sentence-size", "-5"],
+    ["pretrain", "--config", "c.toml", "--dry-run", "--world-size", "0"],
+    ["recipe", "--config", "c.toml", "--dry-run", "--mfu", "2"],
+    ["recipe", "--config", "c.toml", "--dry-run", "--peak-tflops", "-1"],
+    ["reward", "score", "--model", "m", "--input", "i.jsonl", "--batch-size", "0"],
 ])
 def test_counts_below_one_are_refused_by_name(argv, capsys):
-    """--batch-size 0, --threads -1 and the like: a usage error naming the flag (exit 2), not a traceback later."""
+    """--batch-size 0, --threads -1, --top-p 1.5 and the like: a usage error naming the flag (exit 2), not a
+    traceback after the model has loaded."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {argv[-2]}" in err and ("must be >= 1" in err or "whole number" in err)
+    assert f"argument {argv[-2]}" in err and ("must be " in err or "whole number" in err), err
+    assert "Traceback" not in err
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "gemmalab"):
+    """(command name, parser) for `parser` and every sub-command below it."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_every_number_flag_of_every_command_is_range_checked():
+    """No command takes a bare int or float flag (a count of 0 or -1 would slip through to a traceback); only a
+    seed may be any whole number."""
+    from gemmalab.cli.reward import _score_parser
+
+    bare = [f"{name} {action.option_strings[0]}"
+            for name, parser in [*_parsers(build_parser()), ("gemmalab reward score", _score_parser())]
+            for action in parser._actions
+            if action.type in (int, float) and action.option_strings != ["--seed"]]
+    assert bare == []
 
 
 def test_the_engine_refuses_a_batch_of_zero():

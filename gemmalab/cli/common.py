@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,15 +21,29 @@ def dtype_arg(value: str) -> torch.dtype:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def positive_int(value: str) -> int:
-    """argparse `type` for counts that must be >= 1 (--batch-size, --threads, --limit, ...)."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _checked(kind: type, ok: Callable[[int | float], bool], rule: str) -> Callable[[str], int | float]:
+    """An argparse `type`: the value read as `kind` (int: a whole number; float: a finite number) and refused
+    unless `ok`, so that `--batch-size 0` or `--top-p 7` is a usage error naming the flag, not a traceback later."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(value: str) -> int | float:
+        try:
+            n = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not math.isfinite(n) or not ok(n):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return n
+
+    return parse
+
+
+positive_int = _checked(int, lambda n: n >= 1, ">= 1")  # --batch-size, --threads, --limit, ...
+nonnegative_int = _checked(int, lambda n: n >= 0, ">= 0")  # --max-new-tokens, --judge-retries, ...
+positive_float = _checked(float, lambda n: n > 0, "> 0")  # --code-timeout, --judge-rps, ...
+nonnegative_float = _checked(float, lambda n: n >= 0, ">= 0")  # --temperature, --batch-wait-ms, ...
+probability = _checked(float, lambda n: 0 < n <= 1, "in (0, 1]")  # --top-p, --mfu
+port = _checked(int, lambda n: 0 <= n <= 65535, "a port number from 0 to 65535")
 
 
 def add_dtype(p: argparse.ArgumentParser) -> None:
@@ -53,10 +68,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=nonnegative_int, default=max_new_tokens)
+    p.add_argument("--temperature", type=nonnegative_float, default=temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--top-p", type=probability)
     p.add_argument("--seed", type=int)
     add_runtime(p)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gemmalab.cli.common import add_model, add_runtime, load_runtime_model, positive_int, require_tokenizer
+from gemmalab.cli.common import (add_model, add_runtime, load_runtime_model, positive_float, positive_int,
+                                 require_tokenizer)
 from gemmalab.errors import GemmalabError
 
 
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=positive_int, help="first N samples of each task")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written code (HumanEval, MBPP) in the bubblewrap sandbox")
-    p.add_argument("--code-timeout", type=float, default=3.0, help="seconds per program in the sandbox")
+    p.add_argument("--code-timeout", type=positive_float, default=3.0, help="seconds per program in the sandbox")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--seed", type=int, default=1234, help="for sampled generations")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="run directory (resumes if it holds this run)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gemmalab.cli.common import add_dtype, positive_int, set_threads
+from gemmalab.cli.common import add_dtype, nonnegative_float, positive_int, set_threads
 
 
 def add_parser(sub) -> None:
@@ -13,11 +13,11 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model REF (directory, .gguf, gemma3-270m)")
     p.add_argument("--corpus", required=True, help="token shard folder (meta.json) or JSONL documents")
     p.add_argument("--samples", type=positive_int, default=10000, help="per source")
-    p.add_argument("--prefix", type=int, default=50)
-    p.add_argument("--suffix", type=int, default=50)
+    p.add_argument("--prefix", type=positive_int, default=50)
+    p.add_argument("--suffix", type=positive_int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offset", choices=["start", "random"], default="start", help="where in each document the prompt starts")
-    p.add_argument("--threshold", type=float, default=0.10, help="approximate: normalised token edit distance <= this")
+    p.add_argument("--threshold", type=nonnegative_float, default=0.10, help="approximate: normalised token edit distance <= this")
     p.add_argument("--no-prune", action="store_true", help="decode every row to the end (every distance, and mean distances)")
     p.add_argument("--no-char-level", action="store_true",
                    help="leave out the character-level variant (rows then leave on the token-level bound alone: faster)")

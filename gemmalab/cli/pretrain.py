@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from gemmalab.cli.common import add_stage_args, run_training
+from gemmalab.cli.common import add_stage_args, positive_int, run_training
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model (docs/train.md; torchrun for several devices)")
     add_stage_args(p, "configs/train/tiny.toml")
     p.add_argument("--dry-run", action="store_true", help="print the plan (parameters, memory, tokens) and exit")
-    p.add_argument("--world-size", type=int, help="devices for --dry-run (default: WORLD_SIZE, else 1)")
+    p.add_argument("--world-size", type=positive_int, help="devices for --dry-run (default: WORLD_SIZE, else 1)")
     p.set_defaults(func=run)
 
 

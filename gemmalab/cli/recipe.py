@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from gemmalab.cli.common import positive_float, positive_int, probability
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("recipe", help="the whole recipe: data, pretraining, SFT, reward model, RLHF, benchmarks, "
@@ -15,9 +17,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="the recipe's run directory (default: the config's out_dir); a rerun continues it")
     p.add_argument("--dry-run", action="store_true", help="print the plan (devices, memory, tokens, steps, time, "
                                                           "carbon) and exit")
-    p.add_argument("--world-size", type=int, default=8, help="devices of the plan's training stages (RLHF: one)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per device, bf16 dense (an H100 SXM: 989)")
-    p.add_argument("--mfu", type=float, default=0.4, help="the fraction of peak the plan assumes")
+    p.add_argument("--world-size", type=positive_int, default=8, help="devices of the plan's training stages (RLHF: one)")
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0, help="per device, bf16 dense (an H100 SXM: 989)")
+    p.add_argument("--mfu", type=probability, default=0.4, help="the fraction of peak the plan assumes")
     p.set_defaults(func=run)
 
 

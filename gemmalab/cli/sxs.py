@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gemmalab.cli.common import add_dtype, positive_int, set_threads
+from gemmalab.cli.common import (add_dtype, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                                 probability, set_threads)
 
 
 def add_parser(sub) -> None:
@@ -17,18 +18,18 @@ def add_parser(sub) -> None:
     judge.add_argument("--judge-url", help="an OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", help="the model name the API knows (with --judge-url)")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--judge-max-tokens", type=int, default=512, help="room for the API judge's reasoning and verdict")
-    p.add_argument("--judge-concurrency", type=int, default=4, help="API requests in flight at once")
-    p.add_argument("--judge-rps", type=float, help="at most this many API requests per second")
-    p.add_argument("--judge-retries", type=int, default=6, help="retries per request on 429, 5xx or no connection")
+    p.add_argument("--judge-max-tokens", type=positive_int, default=512, help="room for the API judge's reasoning and verdict")
+    p.add_argument("--judge-concurrency", type=positive_int, default=4, help="API requests in flight at once")
+    p.add_argument("--judge-rps", type=positive_float, help="at most this many API requests per second")
+    p.add_argument("--judge-retries", type=nonnegative_int, default=6, help="retries per request on 429, 5xx or no connection")
     p.add_argument("--prompts", type=Path, help='JSONL {"prompt", "category", "reference"?} (default: the built-in set)')
     p.add_argument("--categories", help="comma-separated categories to keep")
     p.add_argument("--limit", type=positive_int, help="the first N prompts of each category")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit of both models")
-    p.add_argument("--temperature", type=float, default=0.0, help="the model's (0: greedy)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--baseline-temperature", type=float, default=0.0, help="the baseline's (0: greedy)")
-    p.add_argument("--baseline-top-p", type=float)
+    p.add_argument("--max-new-tokens", type=nonnegative_int, default=256, help="answer length limit of both models")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="the model's (0: greedy)")
+    p.add_argument("--top-p", type=probability)
+    p.add_argument("--baseline-temperature", type=nonnegative_float, default=0.0, help="the baseline's (0: greedy)")
+    p.add_argument("--baseline-top-p", type=probability)
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of both models; the bootstrap's is 0")
     p.add_argument("--batch-size", type=positive_int, default=16)
     add_dtype(p)
