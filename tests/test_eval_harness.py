@@ -128,6 +128,41 @@ def test_bad_task_files_name_the_file_and_line(data_dir, tmp_path):
         load_task(str(spec))
 
 
+@pytest.mark.parametrize("template,message", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError: access to attribute '__class__'"),
+    ("{{ q.__class__ }}", "SecurityError: access to attribute '__class__'"),
+    ("{% set l = [1] %}{{ l.append(2) }}", "SecurityError: access to attribute 'append'"),
+    ("{{ 'a' * 10**10 }}", "SecurityError: `\\*` would make 10,000,000,000 items"),
+    ("{{ 9 ** (10**9) }}", "SecurityError: `\\*\\*` would make a number of more than"),
+    ("{{ range(10**9) | list }}", "OverflowError: Range too big"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+])
+def test_task_templates_run_sandboxed(tmp_path, template, message):
+    """A task TOML's templates cannot walk to Python's internals, change the row, or allocate without bound: each is
+    a named error for the file and line (the templates ran in a plain Jinja environment)."""
+    spec = tmp_path / "mine.toml"
+    spec.write_text(f'data = "x.jsonl"\ndoc_to_text = "{template}"\ndoc_to_choice = "c"\ndoc_to_target = "g"\n')
+    write_jsonl(tmp_path / "x.jsonl", [{"q": "a", "c": ["x", "y"], "g": 0}])
+    with pytest.raises(GemmalabError, match=rf"x.jsonl, line 1: task mine cannot render this row: {message}"):
+        load_task(str(spec))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_fewshot", '"x"', "field num_fewshot must be a whole number >= 0, got 'x'"),
+    ("num_fewshot", "-1", "field num_fewshot must be a whole number >= 0, got -1"),
+    ("num_fewshot", "true", "field num_fewshot must be a whole number >= 0, got True"),
+    ("data", "5", "field data must be str, got 5"),
+    ("partial", '"yes"', "field partial must be bool, got 'yes'"),
+])
+def test_task_toml_fields_have_their_types(tmp_path, field, value, message):
+    body = {"data": '"x.jsonl"', "doc_to_text": '"q"', "doc_to_choice": '"c"', "doc_to_target": '"g"', field: value}
+    spec = tmp_path / "mine.toml"
+    spec.write_text("".join(f"{k} = {v}\n" for k, v in body.items()))
+    with pytest.raises(GemmalabError, match=rf"mine.toml, task mine: {message}"):
+        load_task(str(spec))
+
+
 def test_user_task_toml_with_few_shot_examples(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"q": f"s{i}", "c": ["no", "yes"], "g": i % 2} for i in range(4)])
     write_jsonl(tmp_path / "test.jsonl", [{"q": "t", "c": ["no", "yes"], "g": 1}])

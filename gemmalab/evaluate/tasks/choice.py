@@ -5,12 +5,15 @@ WinoGrande, CommonsenseQA) are in choice_tasks.toml; a user's own is a TOML file
 from __future__ import annotations
 
 import ast
+import math
 import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gemmalab.errors import GemmalabError
 from gemmalab.evaluate.tasks.base import Sample, Task, read_jsonl
@@ -48,7 +51,28 @@ def _hellaswag(doc: dict) -> dict:
 
 
 PREPROCESS = {"hellaswag": _hellaswag}
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_MAX_REPEAT = 10**6  # the most items (characters, list entries) `*` may make; the most digits `**` may
+
+
+class _TaskTemplates(ImmutableSandboxedEnvironment):
+    """Task files come from anywhere: their templates run sandboxed (no walking from a value to Python's internals,
+    `''.__class__.__mro__`, no changing the row), and the two operators that can allocate without bound
+    (`'a' * 10**10`, `9 ** 10**9`) are refused past a million items or digits."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                raise SecurityError(f"`*` would make {len(seq) * n:,} items (at most {_MAX_REPEAT:,})")
+        elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                right * math.log10(abs(left)) > _MAX_REPEAT:
+            raise SecurityError(f"`**` would make a number of more than {_MAX_REPEAT:,} digits")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _TaskTemplates(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 _ENV.filters["regex_replace"] = lambda s, pattern, repl: re.sub(pattern, repl, s)
 
 
@@ -82,6 +106,11 @@ def _spec(name: str, body: dict, source: Path) -> ChoiceSpec:
     missing = [k for k in ("data", "doc_to_text", "doc_to_choice", "doc_to_target") if k not in body]
     if missing:
         raise GemmalabError(f"{source}, task {name}: missing field(s) {', '.join(missing)}.")
+    for f in fields(ChoiceSpec):  # the annotations are the names "str", "int", "bool"
+        kind, value = {"str": str, "int": int, "bool": bool}[f.type], body.get(f.name, f.default)
+        if f.name != "name" and not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            raise GemmalabError(f"{source}, task {name}: field {f.name} must be "
+                                f"{'a whole number >= 0' if kind is int else kind.__name__}, got {value!r:.80}.")
     if body.get("preprocess", "") not in ("", *PREPROCESS):
         raise GemmalabError(f"{source}, task {name}: unknown preprocess {body['preprocess']!r}; known: {', '.join(PREPROCESS)}.")
     return ChoiceSpec(name=name, **body)
@@ -103,7 +132,8 @@ def _document(spec: ChoiceSpec, doc: dict, where: str) -> tuple[str, list[str], 
         if isinstance(choices, str):
             choices = ast.literal_eval(choices)
         target = _render(spec.doc_to_target, doc)
-    except (jinja2.TemplateError, KeyError, ValueError, SyntaxError, TypeError, IndexError, AttributeError) as e:
+    except (jinja2.TemplateError, KeyError, ValueError, SyntaxError, TypeError, IndexError, AttributeError,
+            ArithmeticError, RecursionError) as e:  # SecurityError is a TemplateError: the sandbox refused it
         raise GemmalabError(f"{where}: task {spec.name} cannot render this row: {type(e).__name__}: {e}.") from None
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
         raise GemmalabError(f"{where}: task {spec.name}: doc_to_choice must give a non-empty list of strings, got {choices!r}.")
