@@ -107,8 +107,10 @@ def _spec(name: str, body: dict, source: Path) -> ChoiceSpec:
     if missing:
         raise GemmalabError(f"{source}, task {name}: missing field(s) {', '.join(missing)}.")
     for f in fields(ChoiceSpec):  # the annotations are the names "str", "int", "bool"
+        if f.name == "name":
+            continue  # checked above
         kind, value = {"str": str, "int": int, "bool": bool}[f.type], body.get(f.name, f.default)
-        if f.name != "name" and not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
             raise GemmalabError(f"{source}, task {name}: field {f.name} must be "
                                 f"{'a whole number >= 0' if kind is int else kind.__name__}, got {value!r:.80}.")
     if body.get("preprocess", "") not in ("", *PREPROCESS):
