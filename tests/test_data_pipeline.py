@@ -261,3 +261,61 @@ def test_packing_trains_a_tokenizer_when_none_is_named(corpus, tmp_path):
     for name, src in card.sources.items():  # the card counts tokens with the tokenizer the shards use
         assert meta["sources"][name]["tokens"] == src["tokens_out"] + 2 * src["documents_out"]
         assert src["tokens_in"] >= src["tokens_out"]
+
+
+def _bad_input_config(tmp_path) -> Path:
+    config = tmp_path / "data.toml"
+    config.write_text(f'[[inputs]]\npath = "{tmp_path / "no-such-input"}"\n[pack]\nenabled = false\n')
+    return config
+
+
+def test_prepare_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
+    """--out pointing at someone's folder: refused by name, before documents/, logs/ and work/ are deleted."""
+    from gemmalab.cli import main
+
+    theirs = tmp_path / "theirs"
+    (theirs / "documents").mkdir(parents=True)
+    (theirs / "documents" / "thesis.txt").write_text("years of work")
+    (theirs / "config.toml").write_text("# someone else's config\n")
+    assert main(["data", "prepare", "--config", str(_bad_input_config(tmp_path)), "--out", str(theirs)]) == 2
+    err = capsys.readouterr().err
+    assert f"output folder {theirs} is not empty and is not an earlier `gemmalab data prepare` output" in err
+    assert (theirs / "documents" / "thesis.txt").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()  # a new or empty folder is fine (here the missing input stops it later)
+    assert main(["data", "prepare", "--config", str(_bad_input_config(tmp_path)), "--out", str(tmp_path / "empty")]) == 2
+    assert "inputs[0]: path not found" in capsys.readouterr().err
+
+
+def test_a_stopped_prepare_leaves_no_old_card_beside_new_documents(tmp_path):
+    """An earlier run's card, counts and meta.json go before the new run writes anything, so a run that stops (here:
+    a missing input) never presents the old counts as its own."""
+    from gemmalab.runs import RunDir
+
+    out = tmp_path / "out"
+    RunDir(out, "data").snapshot(load(DataConfig, _bad_input_config(tmp_path)))
+    old = ["result.json", "data_card.json", "decontamination.json", "tokens/meta.json", "documents/00000.jsonl"]
+    for name in old:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text('{"documents_out": 999}\n')
+    with pytest.raises(GemmalabError, match="path not found"):
+        prepare(load(DataConfig, _bad_input_config(tmp_path)), out)
+    assert [name for name in old if (out / name).exists()] == []
+    assert (out / "config.toml").is_file()  # the folder stays marked as a preparation's
+
+
+def test_counts_that_do_not_reconcile_exit_non_zero(tmp_path, monkeypatch, capsys):
+    import gemmalab.data.pipeline as pipeline
+    from gemmalab.cli import main
+    from gemmalab.data.card import DataCard
+    from gemmalab.runs import RunDir
+
+    def lost_documents(config, out, log_file=None):
+        RunDir(out, "data").write_result("finished", {"malformed_lines": 0, "data_card": str(out / "data_card.json")})
+        return DataCard(10, 5, 4, False, sources={"web": {"documents_in": 10, "documents_out": 5,
+                                                          "documents_dropped": 4, "reconciled": False}})
+
+    monkeypatch.setattr(pipeline, "prepare", lost_documents)
+    assert main(["data", "prepare", "--config", str(_bad_input_config(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "counts reconcile: False" in captured.out
+    assert "the counts do not reconcile (documents in != out + dropped) for web (10 in, 5 out, 4 dropped)" in captured.err

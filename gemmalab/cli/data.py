@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gemmalab.errors import GemmalabError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="data preparation")
@@ -37,3 +39,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"data card: {result['data_card']}")
     if "tokens" in result:
         print(f"token shards: {result['token_shards']} ({result['tokens']:,} tokens, vocabulary {result['vocab_size']:,})")
+    if not card.reconciled:  # documents were lost or counted twice: the output cannot be trusted as complete
+        off = [f"{name} ({s['documents_in']} in, {s['documents_out']} out, {s['documents_dropped']} dropped)"
+               for name, s in card.sources.items() if not s.get("reconciled", True)]
+        raise GemmalabError(f"{result['data_card']}: the counts do not reconcile (documents in != out + dropped) for "
+                            f"{', '.join(off) or 'the total'}.")

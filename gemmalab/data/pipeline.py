@@ -179,7 +179,33 @@ def build_executors(cfg: DataConfig, stages: list[Stage], out_dir: str | Path) -
     return executors
 
 
+# What tells a finished preparation: removed before any new document is written, written again only by `finish`,
+# so a folder that holds new (partial) documents never shows the old run's card or counts.
+_SUMMARY_FILES = ("result.json", "data_card.json", "decontamination.json", "tokens/meta.json")
+_SNAPSHOT_HEADER = "# Resolved data config (gemmalab)"  # the first line RunDir(out, "data").snapshot writes
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse to clear `out` unless it is empty, new, or an earlier preparation's: `prepare` deletes its
+    documents/, logs/ and work/, which in a folder of someone else's would be their files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GemmalabError(f"output folder {out} is a file.")
+    if not any(out.iterdir()):
+        return
+    config = out / "config.toml"
+    with contextlib.suppress(OSError):
+        if config.is_file() and config.read_text(encoding="utf-8", errors="replace").startswith(_SNAPSHOT_HEADER):
+            return
+    raise GemmalabError(f"output folder {out} is not empty and is not an earlier `gemmalab data prepare` output (its "
+                        f"config.toml would start with {_SNAPSHOT_HEADER!r}); preparing would delete its documents/, "
+                        f"logs/ and work/. Name a new or empty folder with --out.")
+
+
 def _prepare_dirs(out: Path) -> None:
+    for name in _SUMMARY_FILES:
+        (out / name).unlink(missing_ok=True)
     for name in _OUTPUT_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
     # datatrove's dedup readers list these folders even when an earlier stage found nothing to write.
@@ -230,16 +256,16 @@ def prepare(config: DataConfig, out_dir: str | Path | None = None, *, log_file: 
             ) -> DataCard | None:
     """Run the whole data preparation; returns the data card (None for Slurm, which only submits).
 
-    `out_dir` defaults to `config.out_dir`. Earlier `documents/`, `logs/` and `work/` there are
-    replaced. With `executor.kind = "ray"`, an already initialised Ray is used, else `ray.init`
+    `out_dir` defaults to `config.out_dir`: a new or empty folder, or an earlier preparation's (anything else is
+    refused), whose `documents/`, `logs/`, `work/`, data card and counts are replaced. With `executor.kind = "ray"`, an already initialised Ray is used, else `ray.init`
     (with `executor.ray_address` when set). `log_file`: where datatrove's logs go (they are written to file
     descriptor 2 by every worker); None leaves them on stderr.
     """
     out = Path(out_dir or config.out_dir)
+    check_output_folder(out)
     run = RunDir(out, "data").create()
-    run.result_file.unlink(missing_ok=True)  # result.json is the last file of a finished run
-    _prepare_dirs(out)
-    run.snapshot(config)
+    run.snapshot(config)  # first: it marks the folder as ours, should the run stop before it ends
+    _prepare_dirs(out)  # the old card and counts go before any new document is written
     with _stderr_to(log_file):
         files = resolve_inputs(config, out)
         tokenizer = config.tokenizer
