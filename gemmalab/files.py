@@ -8,13 +8,15 @@ import gzip
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from gemmalab.errors import GemmalabError
 
-__all__ = ["BLANK", "UNREADABLE", "open_text", "open_bytes", "jsonl_lines", "read_jsonl", "atomic_open", "atomic_write", "write_json"]
+__all__ = ["BLANK", "UNREADABLE", "open_text", "open_bytes", "jsonl_lines", "read_jsonl", "atomic_open", "atomic_dir", "atomic_write",
+           "write_json"]
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
@@ -122,6 +124,29 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write the folder `path` as a whole: the block fills a temporary sibling folder (yielded), which then replaces
+    `path`. The old folder is renamed aside first and deleted last, so a failure in the block leaves it untouched and
+    `path` is never a mix of old and new files (a crash between the two renames leaves both siblings, hidden)."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)  # a symlink is renamed itself: the folder it points to is left as it is
+    tmp.rename(path)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -305,6 +305,72 @@ def test_convert_between_formats_keeps_logits(tmp_path):
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
 
 
+def _hf_source(tmp_path, tokenizer=None):
+    src = tmp_path / "src"
+    save_hf(_model("tiny-gemma2"), src, tokenizer)
+    return src
+
+
+def test_convert_refuses_its_source_as_destination(tmp_path, capsys):
+    """DST is replaced as a whole: the source itself (also through a symlink) or a folder holding it is refused."""
+    from gemmalab.cli import main
+
+    src = _hf_source(tmp_path)
+    before = sorted(p.name for p in src.iterdir())
+    (tmp_path / "link").symlink_to(src)
+    torch.save(_gp_state(_model("tiny-gemma2")), src / "model.ckpt")
+    for argv, what in ([str(src), str(src)], "is the source"), ([str(src), str(tmp_path / "link")], "is the source"), \
+            ([str(src / "model.ckpt"), str(src), "--preset", "tiny-gemma2"], "is a folder holding the source"):
+        assert main(["convert", *argv]) == 2
+        assert f"DST {argv[1]} {what}" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == sorted(before + ["model.ckpt"])
+
+
+def test_convert_refuses_a_folder_that_is_not_a_model_directory(tmp_path, capsys):
+    from gemmalab.cli import main
+
+    src, theirs = _hf_source(tmp_path), tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    assert main(["convert", str(src), str(theirs)]) == 2
+    assert "not empty and not a model directory" in capsys.readouterr().err
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+
+
+def test_convert_replaces_the_destination_whole(tmp_path, tiny_tokenizer, capsys):
+    """An earlier model's tokenizer.model does not survive a conversion of a model without one (it would be taken
+    for the new model's), and a conversion that fails leaves the old DST as it was, with no temporary folder."""
+    from gemmalab.cli import main
+
+    dst = tmp_path / "dst"
+    save_hf(_model("tiny-gemma3"), dst, tiny_tokenizer)
+    src = _hf_source(tmp_path)
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert "no tokenizer" in capsys.readouterr().out
+    assert not (dst / "tokenizer.model").exists() and load(dst)[1] is None
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "gemma2"
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise GemmalabError("disk full")
+
+    import gemmalab.checkpoint.hf as hf
+    original, hf.save_file = hf.save_file, disk_full
+    try:
+        assert main(["convert", str(tmp_path / "src"), str(dst), "--dtype", "bf16"]) == 2
+    finally:
+        hf.save_file = original
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+def test_save_hf_without_a_tokenizer_removes_a_stale_one(tmp_path, tiny_tokenizer):
+    save_hf(_model(), tmp_path, tiny_tokenizer)
+    save_hf(_model(), tmp_path)
+    assert not any((tmp_path / n).exists() for n in ("tokenizer.model", "tokenizer_config.json",
+                                                     "special_tokens_map.json"))
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path):
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf at all")
     for args in (["generate", "--model", str(tmp_path / "broken.gguf"), "--prompt", "hi"],

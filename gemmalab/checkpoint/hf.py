@@ -290,4 +290,7 @@ def save_hf(model: Gemma, directory: str | Path, tokenizer=None, max_shard_bytes
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is not None:
         tokenizer.save(directory)
+    else:  # an earlier model's tokenizer would be taken for this one's
+        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            (directory / name).unlink(missing_ok=True)
     return directory
