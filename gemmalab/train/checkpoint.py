@@ -9,7 +9,8 @@ Layout of one checkpoint, `OUT/checkpoints/step-0000100/`:
 
 Atomicity: everything is written into `step-NNNNNNN.tmp/`, renamed to `step-NNNNNNN/`, then `COMPLETE` is
 written. A directory without `COMPLETE`, with a file missing or of another size than `COMPLETE` says, or
-with a `.tmp` name is never resumed from (a kill mid-write leaves exactly such a directory).
+with a `.tmp` name is never resumed from (a kill mid-write leaves exactly such a directory). A write that fails
+(a full disk) removes its partial copy and raises a GemmalabError naming the previous checkpoint, left intact.
 """
 
 from __future__ import annotations
@@ -20,21 +21,26 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gemmalab.errors import GemmalabError
 from gemmalab.files import write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_complete", "complete_checkpoints", "rng_state",
-           "set_rng_state", "MARKER"]
+           "set_rng_state", "MARKER", "PHASES"]
 
 MARKER = "COMPLETE"
+# What is on disk after each phase of a write: an empty step-N.tmp/, + the DCP files, + rng-*.json, +
+# train_state.json, renamed to step-N/ (no marker yet), + COMPLETE (older checkpoints not yet pruned).
+PHASES = ("tmp", "model", "rng", "state", "renamed", "marked")
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -127,44 +133,83 @@ def latest_complete(directory: str | Path) -> Path | None:
 
 
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, keep: int = 2) -> Path:
+                    train_state: dict, keep: int = 2, after: Callable[[str], None] | None = None) -> Path:
     """Write checkpoint `step` atomically under `directory` on all ranks; keep the newest `keep`. Returns its path.
 
     `train_state` (JSON-able: step, loader, scheduler, ...) is written by rank 0; every rank writes its RNG.
+    `after(phase)` is called as each of PHASES is done (tests hang there: gemmalab.train.debug). A write that fails
+    with an OSError (disk full, quota, read-only) removes what it wrote and raises a GemmalabError that names the
+    previous complete checkpoint, which it leaves intact.
     """
     root = Path(directory)
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run killed while writing this same step
-            shutil.rmtree(tmp)
-        if final.exists():  # an incomplete (or superseded) copy of the same step
-            shutil.rmtree(final)
-        tmp.mkdir()
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # one process without a group: DCP says so on every call
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    write_json(tmp / f"rng-{rank:05d}.json", rng_state(), indent=None)
-    if rank == 0:
-        write_json(tmp / "train_state.json", train_state, indent=None)
-    _barrier()
-    if rank == 0:
-        for f in tmp.iterdir():  # DCP writes without fsync on some versions; make the data durable first
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        tmp.rename(final)
-        files = {f.name: f.stat().st_size for f in sorted(final.iterdir())}
-        write_json(final / MARKER, {"step": step, "files": files}, indent=None)
-        _fsync_dir(final)
-        _fsync_dir(root)
-        _prune(root, keep)
+    done = after or (lambda phase: None)
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a run killed while writing this same step
+                shutil.rmtree(tmp)
+            if final.exists():  # an incomplete (or superseded) copy of the same step
+                shutil.rmtree(final)
+            tmp.mkdir()
+        _barrier()
+        done("tmp")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # one process without a group: DCP says so on every call
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        done("model")
+        write_json(tmp / f"rng-{rank:05d}.json", rng_state(), indent=None)
+        done("rng")
+        if rank == 0:
+            write_json(tmp / "train_state.json", train_state, indent=None)
+        done("state")
+        _barrier()
+        if rank == 0:
+            for f in tmp.iterdir():  # DCP writes without fsync on some versions; make the data durable first
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            tmp.rename(final)
+            done("renamed")
+            files = {f.name: f.stat().st_size for f in sorted(final.iterdir())}
+            write_json(final / MARKER, {"step": step, "files": files}, indent=None)
+            _fsync_dir(final)
+            _fsync_dir(root)
+            done("marked")
+            _prune(root, keep)
+    except BaseException as e:  # CheckpointException (DCP's) is a BaseException
+        if rank == 0:  # a partial copy is never resumed from, and on a full disk its space is wanted back
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / MARKER).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        found = complete_checkpoints(root)
+        then = (f"The previous checkpoint, step {found[-1][0]} ({found[-1][1]}), is intact: free some space and "
+                f"continue from it with --resume." if found else
+                "There is no earlier complete checkpoint: free some space and start again.")
+        raise GemmalabError(f"Checkpoint step {step} could not be written to {root}: {cause.strerror or cause}; "
+                            f"its partial copy was removed. {then}") from e
     _barrier()
     return final
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `error` itself, or one DCP wraps (its CheckpointException holds each
+    rank's exception; torch.save reports a full disk as a RuntimeError whose context is the OSError)."""
+    candidates = [error]
+    if isinstance(error, CheckpointException):
+        candidates += [exc for exc, _ in error.failures.values()]
+    for e in candidates:
+        while e is not None:
+            if isinstance(e, OSError):
+                return e
+            e = e.__cause__ or e.__context__
+    return None
 
 
 def _prune(root: Path, keep: int) -> None:

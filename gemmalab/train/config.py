@@ -127,6 +127,14 @@ class DebugSection:
 
     nan_steps: list[int] = field(default_factory=list)  # these (1-based) steps' activations become NaN
     hang_at_step: int = 0  # after this step, write OUT/hang-STEP and wait for a signal
+    hang_in_checkpoint: str = ""  # a phase (checkpoint.PHASES): hang inside the write of hang_at_step's checkpoint
+
+    def __post_init__(self) -> None:
+        from gemmalab.train.checkpoint import PHASES
+
+        if self.hang_in_checkpoint not in ("", *PHASES):
+            raise GemmalabError(f"`hang_in_checkpoint` must be one of {', '.join(PHASES)} (or empty), got "
+                                f"{self.hang_in_checkpoint!r}")
 
 
 def resolve_run(cfg) -> None:

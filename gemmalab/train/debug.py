@@ -1,5 +1,6 @@
 """Faults injected into a training run by tests (`[debug]`), kept out of the loop body: NaN activations on chosen
-steps (the non-finite step handling) and a hang at a known step (kill -9 and SIGTERM at a known point)."""
+steps (the non-finite step handling) and a hang at a known step or inside its checkpoint write (kill -9 and SIGTERM at
+a known point)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,24 @@ class FaultInjector:
         self.step = step
 
     def end(self, step: int, stopped: Callable[[], bool]) -> None:
-        """At `hang_at_step`: mark OUT/hang-STEP and wait until a signal arrives (`stopped()` turns true)."""
-        if step == self.cfg.hang_at_step:
-            if self.is_main:
-                (self.out / f"hang-{step}").touch()
-            while not stopped():
-                time.sleep(0.05)
+        """After step `hang_at_step` (unless the hang is inside its checkpoint): hang."""
+        if step == self.cfg.hang_at_step and not self.cfg.hang_in_checkpoint:
+            self._hang(step, stopped)
+
+    def in_checkpoint(self, step: int, stopped: Callable[[], bool]) -> Callable[[str], None]:
+        """The `after` hook for the write of checkpoint `step` (gemmalab.train.checkpoint.save_checkpoint): it hangs
+        after the phase `hang_in_checkpoint` of step `hang_at_step`'s checkpoint."""
+        def after(phase: str) -> None:
+            if step == self.cfg.hang_at_step and phase == self.cfg.hang_in_checkpoint:
+                self._hang(step, stopped)
+        return after
+
+    def _hang(self, step: int, stopped: Callable[[], bool]) -> None:
+        """Mark OUT/hang-STEP and wait until a signal arrives (`stopped()` turns true)."""
+        if self.is_main:
+            (self.out / f"hang-{step}").touch()
+        while not stopped():
+            time.sleep(0.05)
 
     def close(self) -> None:
         if self._hook is not None:

@@ -186,7 +186,8 @@ class Trainer:
         def checkpoint(at: int) -> None:
             state = {"step": at, "elapsed": elapsed, "tokens": tokens_done, "loader": batches.state_dict(),
                      "scheduler": jsonable(scheduler.state_dict()), "world_size": d.world_size}
-            save_checkpoint(run.checkpoints, at, model, optimizer, state, keep=cfg.checkpoint.keep)
+            save_checkpoint(run.checkpoints, at, model, optimizer, state, keep=cfg.checkpoint.keep,
+                            after=faults.in_checkpoint(at, lambda: stop.signal is not None))  # `stop`: set below
 
         def mfu_of(tokens_per_s: float) -> float | None:
             if not peak or tokens_per_s <= 0:

@@ -554,7 +554,8 @@ def rlhf(cfg: RLHFConfig, out: str | Path | None = None, resume: bool = False, *
         save_checkpoint(run.checkpoints, at, policy, optimizer,
                         {"step": at, "elapsed": elapsed, "beta": kl_control.beta, "guard": asdict(guard),
                          "timings": timings,
-                         "scheduler": jsonable(scheduler.state_dict()), "world_size": 1}, keep=cfg.checkpoint.keep)
+                         "scheduler": jsonable(scheduler.state_dict()), "world_size": 1}, keep=cfg.checkpoint.keep,
+                        after=faults.in_checkpoint(at, lambda: stop.signal is not None))  # `stop`: set below
 
     from tqdm.auto import tqdm
 
