@@ -193,6 +193,45 @@ def test_cli_eval_writes_result_json_and_refuses_code_without_permission(tiny_to
     assert "--data-dir" in capsys.readouterr().err
 
 
+def test_eval_resume_is_keyed_on_the_weights_dtype_and_quantization(tiny_tokenizer, data_dir, tmp_path, capsys):
+    """The same --model path with rewritten weights, another --dtype or --quantize: the recorded samples are refused
+    (naming what differs and suggesting another --out), not mixed into the new results."""
+    import os
+
+    from gemmalab.checkpoint import save_hf
+
+    model = Gemma(get_preset("tiny-gemma"))
+    model.init_weights(std=0.3, seed=0)
+    save_hf(model, tmp_path / "model", tokenizer=tiny_tokenizer)
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tmp_path / "model"), "--tasks", "arc_easy", "--data-dir", str(data_dir),
+            "--limit", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same model and settings: resumes (nothing left to do)
+    capsys.readouterr()
+    for extra in (["--dtype", "bf16"], ["--quantize", "int8"]):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert "holds a run with other settings (model_identity differ). Use another --out" in err
+    model.init_weights(std=0.3, seed=1)  # new weights at the same path, same sizes
+    save_hf(model, tmp_path / "model", tokenizer=tiny_tokenizer)
+    weights = tmp_path / "model" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # whatever the clock
+    assert main(argv) == 2
+    assert "model_identity differ" in capsys.readouterr().err
+
+
+def test_the_fingerprint_covers_golds_and_sandbox_limits():
+    from gemmalab.evaluate.harness import _fingerprint
+    from gemmalab.evaluate.sandbox import Limits
+    from gemmalab.evaluate.tasks.base import Sample, Task
+
+    task = Task("t", "generate", [Sample("a", "p", gold="x")], metric="pass@1", check_program=lambda s, c: c)
+    base = _fingerprint(task, task.samples, "m", 0, None, Limits())
+    assert _fingerprint(task, task.samples, "m", 0, None, Limits(timeout_s=30.0)) != base
+    assert _fingerprint(task, [Sample("a", "p", gold="y")], "m", 0, None, Limits()) != base
+
+
 class ScriptedEngine:
     """Test double for generation: answers each prompt with a given completion (records what it was asked)."""
 

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gemmalab.evaluate import evaluate, load_task
-    from gemmalab.evaluate.harness import summary_lines
+    from gemmalab.evaluate.harness import model_identity, summary_lines
     from gemmalab.evaluate.sandbox import Limits
     from gemmalab.inference import Engine
 
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load_runtime_model(args)
     engine = Engine(model, require_tokenizer(tokenizer, args.model), max_batch_size=args.batch_size)
     result = evaluate(engine, tasks, args.out, model=str(args.model), limit=args.limit, seed=args.seed,
-                      allow_code_execution=args.allow_code_execution, sandbox_limits=Limits(timeout_s=args.code_timeout))
+                      allow_code_execution=args.allow_code_execution, sandbox_limits=Limits(timeout_s=args.code_timeout),
+                      model_identity=model_identity(args.model, args.dtype, args.quantize))
     for line in summary_lines(result, [t.name for t in tasks]):
         print(line)
     print(f"wrote {args.out / 'result.json'} and per-sample records in {args.out / 'samples'}")

@@ -4,6 +4,7 @@ sample (prompt, output, score) written as it goes, so an interrupted run resumes
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,12 +25,14 @@ from gemmalab.runs import RunDir, keep_settings
 
 def evaluate(engine: Engine, tasks: list[Task], out: str | Path, *, model: str = "", limit: int | None = None,
              allow_code_execution: bool = False, seed: int = 1234, sandbox_limits=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, model_identity: dict | None = None) -> dict:
     """Evaluate every task, write `out/samples/TASK.jsonl` and `out/result.json`, and return the result.
 
     `limit` keeps the first N samples of each task. Code tasks (HumanEval, MBPP) run model-written programs in
     the bubblewrap sandbox and refuse to start without `allow_code_execution`. Re-running with the same
-    arguments skips the samples already recorded; other settings for the same `out` are refused.
+    arguments skips the samples already recorded; other settings for the same `out` are refused. `model` names
+    the model; `model_identity` says what else makes its outputs (`model_identity(...)`: the weights' files, dtype,
+    quantization), so that records of changed weights or settings are refused rather than mixed with new ones.
     """
     out = Path(out)
     for task in tasks:  # refuse before spending time on any task
@@ -47,13 +50,15 @@ def evaluate(engine: Engine, tasks: list[Task], out: str | Path, *, model: str =
     for task in tasks:
         started = time.perf_counter()
         samples = task.samples[:limit] if limit is not None else task.samples
-        records = _run_task(engine, task, samples, run, model, seed, sandbox_limits, progress)
+        records = _run_task(engine, task, samples, run, model, seed, sandbox_limits, progress, model_identity)
         results[task.name] = _summarize(task, samples, records) | {"seconds": round(time.perf_counter() - started, 1)}
     headline = {name: {r["metric"]: r["value"]} for name, r in results.items()}
     old = run.result()
-    if old is not None and old.get("model") == model:  # tasks evaluated earlier into this directory stay in it
+    same = old is not None and old.get("model") == model and old.get("model_identity") == model_identity
+    if same:  # tasks evaluated earlier into this directory, by this same model, stay in it
         headline, results = old.get("headline", {}) | headline, old.get("tasks", {}) | results
-    run.write_result("finished", {"model": model, "limit": limit, "headline": headline, "tasks": results})
+    run.write_result("finished", {"model": model, "model_identity": model_identity, "limit": limit,
+                                  "headline": headline, "tasks": results})
     return run.result()
 
 
@@ -64,20 +69,41 @@ def summary_lines(result: dict, names: list[str] | None = None) -> list[str]:
             for name in (names if names is not None else tasks)]
 
 
-def _fingerprint(task: Task, samples: list[Sample], model: str, seed: int) -> dict:
+def model_identity(ref: str | Path, dtype, quantize: str | None) -> dict:
+    """What, besides its name, makes a model's outputs: the weights' files (names, sizes and modification times:
+    rewritten weights differ), the dtype and the quantization."""
+    from gemmalab.checkpoint import resolve
+    from gemmalab.dtypes import dtype_name
+    from gemmalab.files import stamp
+
+    return {"weights": stamp(resolve(ref)), "dtype": dtype_name(dtype), "quantize": quantize}
+
+
+def _fingerprint(task: Task, samples: list[Sample], model: str, seed: int, identity: dict | None,
+                 sandbox_limits) -> dict:
+    """What a task's records depend on: the model, the task's definition (inputs, golds, scoring settings) and, for
+    code tasks, the sandbox's limits (a longer timeout passes other programs)."""
     digest = hashlib.sha256()
     for s in samples:
-        digest.update(json.dumps([s.id, s.prompt, s.choices, s.contexts], ensure_ascii=False).encode())
-    return {"model": model, "task": task.name, "samples": len(samples), "inputs_sha256": digest.hexdigest()[:16],
+        digest.update(json.dumps([s.id, s.prompt, s.choices, s.contexts, s.gold, s.data], ensure_ascii=False,
+                                 default=str).encode())
+    meta = {"model": model, "model_identity": identity, "task": task.name, "samples": len(samples),
+            "inputs_sha256": digest.hexdigest()[:16], "metric": task.metric, "target_delimiter": task.target_delimiter,
             "num_samples": task.num_samples, "temperature": task.temperature, "max_new_tokens": task.max_new_tokens,
-            "stop": list(task.stop), "seed": seed}
+            "stop": list(task.stop), "pass_k": list(task.pass_k), "info": json.loads(json.dumps(task.info, default=str)),
+            "seed": seed}
+    if task.check_program is not None:
+        from gemmalab.evaluate.sandbox import Limits
+
+        meta["sandbox_limits"] = dataclasses.asdict(sandbox_limits or Limits())
+    return meta
 
 
-def _run_task(engine, task, samples, run: RunDir, model, seed, sandbox_limits, progress) -> list[dict]:
+def _run_task(engine, task, samples, run: RunDir, model, seed, sandbox_limits, progress, identity) -> list[dict]:
     folder = run.path / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}.meta.json"
-    meta = _fingerprint(task, samples, model, seed)
+    meta = _fingerprint(task, samples, model, seed, identity, sandbox_limits)
     keep_settings(meta_path, meta, [path], f"{path} holds a run", "that file to start this task again")
     with run.records(f"samples/{task.name}") as records:
         pending = [s for s in samples if s.id not in records.done]
