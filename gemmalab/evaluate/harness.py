@@ -124,13 +124,17 @@ def _run_task(engine, task, samples, run: RunDir, model, seed, sandbox_limits, p
         return [records.done[s.id] for s in samples]
 
 
+def choice_pairs(task: Task, s: Sample) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs scored for one choice sample, one per choice (lm-eval's requests)."""
+    if s.contexts is None:
+        return [(s.prompt, task.target_delimiter + c) for c in s.choices]
+    return [(c, task.target_delimiter + s.choices[0]) for c in s.contexts]  # partial scoring: one continuation
+
+
 def _choice_records(engine: Engine, task: Task, chunk: list[Sample]) -> list[dict]:
     pairs, spans = [], []
     for s in chunk:
-        if s.contexts is None:
-            items = [(s.prompt, task.target_delimiter + c) for c in s.choices]
-        else:  # partial scoring: one continuation after each context
-            items = [(c, task.target_delimiter + s.choices[0]) for c in s.contexts]
+        items = choice_pairs(task, s)
         spans.append((len(pairs), len(pairs) + len(items)))
         pairs += items
     scores = loglikelihoods(engine, pairs)

@@ -8,18 +8,20 @@ from gemmalab.inference import Engine, SamplingParams
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of a context (with Gemma's BOS) and of its continuation, split the way lm-eval splits them:
-    trailing spaces of the context move to the continuation, the two are encoded as one string, and the
-    continuation is what follows the context's own encoding. (Encoding the continuation alone could differ
-    where a token spans the boundary.) An empty context is just BOS: Gemma needs it (lm-eval PR #1465)."""
-    spaces = len(context) - len(context.rstrip(" "))
+    """Token ids of a context (with Gemma's BOS) and of its continuation, split exactly as lm-eval's causal models
+    split them (`TemplateLM._encode_pair`): trailing whitespace of the context (spaces, newlines, tabs) moves to
+    the continuation, the two are encoded as one string, and the continuation is that encoding's ids after the
+    first len(context's own encoding). Where a token spans the boundary (a split inside a word) those ids need
+    not spell the continuation; lm-eval scores them anyway, and so do we, so the numbers agree. An empty context
+    is just BOS: Gemma needs it (lm-eval PR #1465)."""
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     context_ids = tokenizer.encode(context, bos=True)
-    whole = tokenizer.encode(context + continuation, bos=True)
-    if whole[:len(context_ids)] != context_ids:  # a token spans the boundary: keep the context's own encoding
-        return context_ids, tokenizer.encode(continuation, bos=False)
-    return context_ids, whole[len(context_ids):]
+    continuation_ids = tokenizer.encode(context + continuation, bos=True)[len(context_ids):]
+    if continuation and not continuation_ids:  # the whole is no longer than the context: lm-eval fails an assert
+        continuation_ids = tokenizer.encode(continuation, bos=False)
+    return context_ids, continuation_ids
 
 
 def loglikelihoods(engine: Engine, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
