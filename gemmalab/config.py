@@ -43,11 +43,13 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
         raise GemmalabError(f"{what} not found: {p}")
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise GemmalabError(f"{p}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
         raise GemmalabError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
                             f"TOML files must be UTF-8") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer over Python's 4,300-digit limit
+        raise GemmalabError(f"{p}: invalid TOML: {e}") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise GemmalabError(f"{p}: invalid TOML here: nested too deeply") from None
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -63,7 +65,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise GemmalabError(f"Override {arg!r} is not of the form key=value (e.g. train.steps=100).")
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (ValueError, RecursionError):  # not TOML (or too big or deep for the parser)
             value = raw.strip()  # bare words are strings: train.dtype=bf16
         out[key] = value
     return out

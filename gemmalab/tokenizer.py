@@ -120,25 +120,43 @@ class Tokenizer:
             reader = reader_or_path
         else:
             raise TokenizerError(f"from_gguf expects a path or gguf.GGUFReader, got {type(reader_or_path).__name__}")
-        fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+        fields = {}
+        for key, f in reader.fields.items():
+            if key.startswith("tokenizer."):
+                try:
+                    fields[key] = f.contents()
+                except UnicodeDecodeError as e:
+                    raise TokenizerError(f"GGUF file {source}: {key} holds text that is not UTF-8 ({e}).") from None
 
-        def need(name: str):
+        def need(name: str, ok=None, what: str = ""):
+            """The field `name`; with `ok`, a field that fails it is an error saying it must be `what`."""
             if name not in fields:
                 raise TokenizerError(
                     f"GGUF file {source} has no tokenizer field '{name}'; it carries no usable vocabulary."
                 )
+            if ok is not None and not ok(fields[name]):
+                raise TokenizerError(f"GGUF file {source}: {name} must be {what}, got {fields[name]!r:.80}.")
             return fields[name]
+
+        def items(kinds: tuple[type, ...]):
+            return lambda v: isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool) for x in v)
 
         if need("tokenizer.ggml.model") != "llama":
             raise TokenizerError(
-                f"GGUF file {source}: tokenizer.ggml.model is {fields['tokenizer.ggml.model']!r}; "
+                f"GGUF file {source}: tokenizer.ggml.model is {fields['tokenizer.ggml.model']!r:.80}; "
                 "only SentencePiece vocabularies ('llama', as used by Gemma) are supported."
             )
-        tokens, scores = need("tokenizer.ggml.tokens"), need("tokenizer.ggml.scores")
-        types = need("tokenizer.ggml.token_type")
+        tokens = need("tokenizer.ggml.tokens", items((str,)), "an array of strings")
+        scores = need("tokenizer.ggml.scores", items((int, float)), "an array of numbers")
+        types = need("tokenizer.ggml.token_type", lambda v: items((int,))(v) and all(1 <= t <= 6 for t in v),
+                     "an array of SentencePiece piece types (1 to 6)")
         if not len(tokens) == len(scores) == len(types):
             raise TokenizerError(f"GGUF file {source}: tokens/scores/token_type arrays differ in length.")
-        unk_id = int(need("tokenizer.ggml.unknown_token_id"))
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        unk_id = need("tokenizer.ggml.unknown_token_id", whole, "a token id")
+        for key in ("bos", "eos", "padding"):
+            if f"tokenizer.ggml.{key}_token_id" in fields:
+                need(f"tokenizer.ggml.{key}_token_id", whole, "a token id")
 
         proto = sp_pb2.ModelProto()
         for i, (piece, score, typ) in enumerate(zip(tokens, scores, types)):

@@ -64,6 +64,20 @@ def test_types_are_checked_and_errors_name_the_file_and_key(tmp_path):
         load(Outer, path)
 
 
+def test_values_too_big_or_deep_for_the_toml_parser_are_named(tmp_path):
+    """An integer over Python's 4,300 digits and arrays nested 5,000 deep: named errors (they were a ValueError and a
+    RecursionError traceback), in a file and in a key=value override."""
+    path = tmp_path / "c.toml"
+    for text, message in [("name = " + "9" * 5000, r"c\.toml: invalid TOML: Exceeds the limit \(4300 digits\)"),
+                          ("name = " + "[" * 5000 + "]" * 5000, r"c\.toml: invalid TOML here: nested too deeply")]:
+        path.write_text(text)
+        with pytest.raises(GemmalabError, match=message):
+            load(Outer, path)
+    for override in ("inner.rule=" + "9" * 5000, "inner.rule=" + "[" * 5000 + "]" * 5000):
+        with pytest.raises(GemmalabError, match=r"`inner.rule` must be"):  # read as a string, then type-checked
+            load(Outer, None, [override])
+
+
 def test_snapshot_loads_back_to_the_same_config(tmp_path):
     cfg = Outer("z", torch.bfloat16, (5, 6), Inner(2.0, None), [Inner(), Inner(0.0, None)], {"a": 1.0})
     assert load(Outer, dump(cfg, tmp_path / "c.toml")) == cfg

@@ -43,18 +43,18 @@ class _ArrayFastReader(GGUFReader):
     loop and allocate for ever: every count and length is checked against the bytes left first.
     """
 
-    def _fits(self, offs: int, count: int, item_bytes: int, what: str) -> None:
+    def _fits(self, offs: int, count: int, item_bytes: int, what: str, noun: str = "a count") -> None:
         left = max(0, len(self.data) - offs)
         if count * item_bytes > left:
-            raise GGUFFormatError(f"{what}: a count of {count:,} cannot fit in the {left:,} bytes left in the file")
+            raise GGUFFormatError(f"{what}: {noun} of {count:,} cannot fit in the {left:,} bytes left in the file")
 
     def _build_fields(self, offs, count):
         count = int(count)
         self._fits(offs, count, _MIN_KV, "GGUF.kv_count")
         for _ in range(count):  # one key at a time, so that an error names its key
-            self._fits(offs, 1, _MIN_STRING, "metadata key")
+            self._fits(offs, 1, _MIN_STRING, "metadata key", "a key")
             klen = int(self._get(offs, np.uint64)[0])
-            self._fits(offs + _MIN_STRING, klen, 1, "metadata key length")
+            self._fits(offs + _MIN_STRING, klen, 1, "metadata key", "a length")
             key = bytes(self.data[offs + 8:offs + 8 + klen]).decode("utf-8", "replace")
             try:
                 offs = super()._build_fields(offs, 1)
@@ -69,10 +69,10 @@ class _ArrayFastReader(GGUFReader):
     def _get_field_parts(self, orig_offs, raw_type):
         if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
             if GGUFValueType(raw_type) == GGUFValueType.STRING:
-                self._fits(orig_offs, 1, _MIN_STRING, "string")
-                self._fits(orig_offs + _MIN_STRING, int(self._get(orig_offs, np.uint64)[0]), 1, "string length")
+                self._fits(orig_offs, 1, _MIN_STRING, "string", "a string")
+                self._fits(orig_offs + _MIN_STRING, int(self._get(orig_offs, np.uint64)[0]), 1, "string", "a length")
             return super()._get_field_parts(orig_offs, raw_type)
-        self._fits(orig_offs, 1, _MIN_ARRAY, "array")
+        self._fits(orig_offs, 1, _MIN_ARRAY, "array", "an array")
         raw_itype = self._get(orig_offs, np.uint32)
         alen = self._get(orig_offs + 4, np.uint64)
         itype, count, offs = GGUFValueType(raw_itype[0]), int(alen[0]), orig_offs + 12

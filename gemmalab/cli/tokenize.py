@@ -36,7 +36,12 @@ def texts(text: str | None, path: str | None):
 def run(args: argparse.Namespace) -> None:
     from gemmalab.checkpoint import load_tokenizer
 
+    from gemmalab.tokenizer import TokenizerError
+
     tokenizer = require_tokenizer(load_tokenizer(args.model), args.model)
-    for _, text in texts(args.text, args.input):
-        ids = tokenizer.encode(text, bos=not args.no_bos)
+    for n, text in texts(args.text, args.input):
+        try:
+            ids = tokenizer.encode(text, bos=not args.no_bos)
+        except TokenizerError as e:  # a lone surrogate from a JSON escape
+            raise GemmalabError(f"{f'{args.input}, line {n}' if args.input else '--text'}: {e}") from None
         print(json.dumps({"ids": ids}) if args.json else " ".join(map(str, ids)))

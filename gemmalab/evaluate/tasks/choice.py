@@ -15,6 +15,7 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from gemmalab.config import read_toml
 from gemmalab.errors import GemmalabError
 from gemmalab.evaluate.tasks.base import Sample, Task, read_jsonl
 
@@ -85,12 +86,7 @@ def builtin_specs() -> dict[str, ChoiceSpec]:
 def read_spec(path: str | Path) -> ChoiceSpec:
     """A user's task TOML (the fields of ChoiceSpec; `name` defaults to the file name)."""
     path = Path(path)
-    try:
-        body = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GemmalabError(f"Task file {path} does not exist.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise GemmalabError(f"Task file {path} is not valid TOML: {e}.") from None
+    body = read_toml(path, "task file")
     return _spec(body.pop("name", path.stem), body, path)
 
 
