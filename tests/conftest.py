@@ -104,6 +104,28 @@ def tiny_tokenizer(tmp_path_factory):
     return train_tokenizer([root / "text.txt"], 512, root / "out")
 
 
+@pytest.fixture(scope="session")
+def syllable_model(tmp_path_factory):
+    """A random tiny Gemma 3 (std 0.3: peaked logits, so greedy ties are unlikely) and a 512-piece tokenizer trained on
+    made-up syllable words: what the server, batcher and load tests generate with."""
+    import random
+
+    from gemmalab.model import Gemma, get_preset
+    from gemmalab.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("syllables")
+    r = random.Random(0)
+    syllables = "ka lo mi ne ru sa to vi ze po da fe gu hi ja be co wu xo yi".split()
+    words = ["".join(r.choice(syllables) for _ in range(r.randint(1, 3))) for _ in range(300)]
+    lines = [" ".join(r.choice(words) for _ in range(r.randint(3, 12))) + r.choice([".", "!", "?", " 42"])
+             for _ in range(500)]
+    (d / "corpus.txt").write_text("\n".join(lines))
+    tokenizer = train_tokenizer([d / "corpus.txt"], 512, d / "tokenizer")
+    model = Gemma(get_preset("tiny-gemma3"))
+    model.init_weights(std=0.3, seed=0)
+    return model.eval(), tokenizer
+
+
 def kill_9_and_resume(cmd: list[str], run: Path, step: int, cwd: Path, timeout: int = 300):
     """Run `cmd` with `debug.hang_at_step=step`, SIGKILL it once it hangs there, then run it again with --resume;
     returns the finished process (the caller compares its run directory with an uninterrupted one)."""

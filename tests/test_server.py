@@ -2,72 +2,40 @@
 `openai` client (the happy paths) and by raw httpx (errors, overload, disconnects)."""
 
 import concurrent.futures
-import contextlib
-import random
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import gemmalab
 from gemmalab.inference import Engine, SamplingParams
-from gemmalab.inference.server import create_app
-from gemmalab.model import Gemma, get_preset
-from gemmalab.tokenizer import train_tokenizer
+from gemmalab.inference.server import create_app, serving
 
 MODEL = "tiny-gemma3"
 PROMPTS = ["kalo mi sa", "ne ru to vi", "ze", "po da fe gu hi ja", "mi mi", "be co wu xo yi ka lo"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny Gemma 3 and a 512-piece tokenizer trained on made-up words (both vocab 512)."""
-    d = tmp_path_factory.mktemp("serve")
-    r = random.Random(0)
-    syllables = "ka lo mi ne ru sa to vi ze po da fe gu hi ja be co wu xo yi".split()
-    words = ["".join(r.choice(syllables) for _ in range(r.randint(1, 3))) for _ in range(300)]
-    lines = [" ".join(r.choice(words) for _ in range(r.randint(3, 12))) + r.choice([".", "!", "?", " 42"])
-             for _ in range(500)]
-    (d / "corpus.txt").write_text("\n".join(lines))
-    tokenizer = train_tokenizer([d / "corpus.txt"], 512, d / "tokenizer")
-    model = Gemma(get_preset("tiny-gemma3"))
-    model.init_weights(std=0.3, seed=0)
-    return model.eval(), tokenizer
+def tiny(syllable_model):
+    return syllable_model
 
 
-class GatedEngine(Engine):
-    """An Engine whose batches wait for `gate`: with it closed, tests fill the queue without racing the worker."""
+def gate(app) -> threading.Event:
+    """Make the app's worker wait at each prefill chunk until the returned event is set: with it cleared, tests fill
+    the queue without racing the worker."""
+    opened = threading.Event()
+    opened.set()
+    live = app.state.batcher.live
+    feed = live.feed
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
+    def gated_feed(*args, **kwargs):
+        assert opened.wait(120), "the test never opened the gate"
+        return feed(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        assert self.gate.wait(120), "the test never opened the gate"
-        return super().generate(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` with uvicorn in a background thread on a free 127.0.0.1 port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    until(lambda: server.started or not thread.is_alive())
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    live.feed = gated_feed
+    return opened
 
 
 def until(condition, limit_s: float = 60.0) -> None:
@@ -81,7 +49,7 @@ def until(condition, limit_s: float = 60.0) -> None:
 def server(tiny):
     model, tokenizer = tiny
     app = create_app(Engine(model, tokenizer, max_batch_size=8), MODEL)
-    with running(app) as url:
+    with serving(app) as url:
         yield url, app
 
 
@@ -197,7 +165,12 @@ def test_sampling_with_a_seed_is_reproducible(client):
     ("/v1/completions", b'[1, 2]', 400, None, "JSON object"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "gpt-9"),
     ("/v1/completions", {"model": MODEL, "prompt": "kalo", "max_tokens": 1000}, 400, "max_tokens", "256"),
-    ("/v1/completions", {"model": MODEL, "prompt": "kalo", "n": 2}, 400, "n", "n must be 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "kalo", "n": 9}, 400, "n", "n must be between 1 and 8"),
+    ("/v1/completions", {"model": MODEL, "prompt": "kalo", "n": 0}, 400, "n", "n must be between 1 and 8"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["kalo"] * 9, "n": 4}, 400, "prompt", "limit of 32"),
+    ("/v1/completions", {"model": MODEL, "prompt": "kalo", "stop": ["a"] * 9}, 400, "stop", "At most 8 stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "kalo", "stop": "x" * 257}, 400, "stop", "at most 256 char"),
+    ("/v1/completions", {"model": MODEL, "prompt": "kalo", "max_tokens": 5000}, 400, "max_tokens", "at most 4096"),
     ("/v1/completions", {"model": MODEL, "prompt": "kalo", "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "kalo", "temperature": 2.5}, 400, "temperature", "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "kalo", "top_p": 0}, 400, "top_p", "top_p"),
@@ -230,7 +203,7 @@ def test_invalid_requests_answer_in_openai_error_shape(server, path, body, statu
     assert words in error["message"]
     if status == 404 and param == "model":
         assert error["code"] == "model_not_found"
-    if "256" in words:
+    if words == "256":
         assert error["code"] == "context_length_exceeded"
 
 
@@ -249,12 +222,12 @@ def test_a_client_leaving_mid_stream_does_not_hurt_the_server(server, tiny):
 
 def test_a_burst_of_concurrent_requests_is_batched_and_matches_one_at_a_time(tiny):
     model, tokenizer = tiny
-    engine = GatedEngine(model, tokenizer, max_batch_size=8)
-    app = create_app(engine, MODEL, batch_wait_ms=20)
+    app = create_app(Engine(model, tokenizer), MODEL, max_batch_size=8)
+    opened = gate(app)
     cases = [(i % 4, PROMPTS[i % len(PROMPTS)], 3 + i % 7) for i in range(24)]  # (kind, prompt, max_tokens)
     expected = [greedy(tiny, chat_ids(tiny, p) if kind >= 2 else p, n).text for kind, p, n in cases]
 
-    with running(app) as url:
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
         def ask(case) -> str:
@@ -273,30 +246,31 @@ def test_a_burst_of_concurrent_requests_is_batched_and_matches_one_at_a_time(tin
                                                     stream=True)
             return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
-        engine.gate.clear()  # hold the worker until every request is queued, so batching does not race the clients
+        opened.clear()  # hold the worker until every request is queued, so batching does not race the clients
         with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
             futures = [pool.submit(ask, c) for c in cases]
             until(lambda: app.state.stats.accepted == len(cases))
-            engine.gate.set()
+            opened.set()
             answers = [f.result(timeout=120) for f in futures]
 
     assert answers == expected
     stats = app.state.stats
     assert stats.accepted == 24 and stats.rejected == 0
-    assert 1 < stats.max_batch_size <= 8 and stats.batches < 24
+    assert stats.max_batch_size == 8 and stats.completed == 24 and stats.failed == stats.cancelled == 0
+    assert stats.kv_bytes == 0  # every row left, and the cache with them
 
 
 def test_overload_answers_429_and_the_server_stays_up(tiny):
     model, tokenizer = tiny
-    engine = GatedEngine(model, tokenizer)
-    app = create_app(engine, MODEL, max_queue=2, max_batch_size=1)
+    app = create_app(Engine(model, tokenizer), MODEL, max_queue=2, max_batch_size=1)
+    opened = gate(app)
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
-    with running(app) as url:
-        engine.gate.clear()
+    with serving(app) as url:
+        opened.clear()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(8)]
             until(lambda: app.state.stats.accepted + app.state.stats.rejected == 8)
-            engine.gate.set()
+            opened.set()
             responses = [f.result(timeout=120) for f in futures]
         codes = sorted(r.status_code for r in responses)
         # the worker holds one job and the queue two; the rest are refused at once
@@ -306,3 +280,108 @@ def test_overload_answers_429_and_the_server_stays_up(tiny):
         assert refused.json()["error"]["code"] == "queue_full" and refused.headers["retry-after"] == "1"
         later = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert later.status_code == 200 and later.json()["choices"][0]["text"] == greedy(tiny, PROMPTS[0], 4).text
+
+
+# ---- limits, faults and continuous batching ------------------------------------------------------------------------
+
+
+def test_n_choices_and_their_seeds(client, tiny):
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[:2], max_tokens=6, temperature=0, n=3)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts == [greedy(tiny, p, 6).text for p in PROMPTS[:2] for _ in range(3)]
+    sampled = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ze po"}],
+                                             max_tokens=8, temperature=1.0, seed=5, n=4)
+    again = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ze po"}],
+                                           max_tokens=8, temperature=1.0, seed=5, n=4)
+    answers = [c.message.content for c in sampled.choices]
+    assert answers == [c.message.content for c in again.choices] and len(set(answers)) > 1
+
+
+def test_limits_on_body_prompt_and_memory(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    one_row = 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4 * 128  # 128 columns
+    app = create_app(engine, MODEL, max_body_bytes=2000, max_prompt_tokens=20, kv_cache_gib=one_row / 2**30)
+    with serving(app) as url:
+        big = {"model": MODEL, "prompt": "ka " * 1000}
+        r = httpx.post(url + "/v1/completions", json=big, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"model": "%s", "prompt": "' % MODEL.encode()
+            for _ in range(100):
+                yield b"ka " * 10
+            yield b'"}'
+
+        r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 413
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "ka lo " * 15}, timeout=30)
+        assert r.status_code == 400 and "at most 20" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "ka", "max_tokens": 200}, timeout=30)
+        assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "ka", "max_tokens": 20, "temperature": 0},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(tiny, "ka", 20).text
+
+
+def test_a_client_that_hangs_up_stops_its_row(tiny):
+    """A non-streaming client times out and leaves while its row decodes: the row is dropped at the next step,
+    instead of generating its 200 tokens for nobody."""
+    model, tokenizer = tiny
+    app = create_app(Engine(model, tokenizer), MODEL)
+    live = app.state.batcher.live
+    opened, step = threading.Event(), live.step
+
+    def held_step():
+        assert opened.wait(120)
+        return step()
+
+    live.step = held_step
+    with serving(app) as url:
+        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        until(lambda: app.state.batcher.live.rows and all(j.cancelled for j in app.state.batcher._jobs.values()))
+        opened.set()
+        until(lambda: app.state.stats.cancelled == 1)
+        stats = app.state.stats
+        assert stats.cancelled == 1 and stats.completed == 0 and stats.steps <= 2 and stats.kv_bytes == 0
+
+
+def test_a_request_past_its_time_limit_gets_504(tiny):
+    model, tokenizer = tiny
+    app = create_app(Engine(model, tokenizer), MODEL, request_timeout_s=0.05)
+    opened = gate(app)
+    with serving(app) as url:
+        opened.clear()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(httpx.post, url + "/v1/completions", timeout=60,
+                                 json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 100})
+            until(lambda: app.state.stats.accepted == 1)
+            time.sleep(0.1)  # past the limit while its prefill is held
+            opened.set()
+            r = future.result(timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert app.state.stats.timed_out == 1 and app.state.stats.completed == 0
+        assert httpx.get(url + "/health", timeout=30).json()["kv_bytes"] == 0
+
+
+def test_internal_errors_do_not_leak_and_a_dead_worker_says_503(tiny):
+    model, tokenizer = tiny
+    app = create_app(Engine(model, tokenizer), MODEL)
+
+    def broken(prompts):
+        raise RuntimeError("/secret/path/to/weights.bin is corrupt")
+
+    app.state.served.encode_prompts = broken
+    with serving(app) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "ka"}, timeout=30)
+        assert r.status_code == 500 and "secret" not in r.text and "error " in r.json()["error"]["message"]
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        app.state.batcher.stop()
+        health = httpx.get(url + "/health", timeout=30)
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        r = httpx.post(url + "/v1/chat/completions", timeout=30,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "ka"}]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"

@@ -74,6 +74,25 @@ class _Row:
     finish_reason: str | None = None
     stop_id: int | None = None
 
+    def advance(self, tok: int, logp: torch.Tensor | None) -> str:
+        """Take sampled token `tok` (logp: this row's log-probabilities [V], when wanted); returns the new text."""
+        if tok in self.stop_ids:
+            self.finish_reason, self.stop_id = "stop", tok
+            return self.stream.flush()
+        self.ids.append(tok)
+        if logp is not None and self.params.logprobs:
+            self.logprobs.append(float(logp[tok]))
+        delta = self.stream.push(tok)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.ids) >= self.params.max_new_tokens:
+            self.finish_reason, delta = "length", delta + self.stream.flush()
+        return delta
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt, self.ids, self.stream.text, self.finish_reason,
+                          self.logprobs if self.params.logprobs else None, self.stop_id)
+
 
 def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Zero all but the top-k tokens and the smallest top set reaching mass p (the token crossing p stays,
@@ -211,8 +230,7 @@ class Engine:
             rows = [self._row(i, ids[i], params[i]) for i in range(start, min(start + self.max_batch_size, len(ids)))]
             self._run(rows, on_token)
             for r in rows:
-                results[r.index] = Completion(r.prompt, r.ids, r.stream.text, r.finish_reason,
-                                              r.logprobs if r.params.logprobs else None, r.stop_id)
+                results[r.index] = r.completion()
         return results
 
     def _row(self, index: int, prompt: list[int], params: SamplingParams) -> _Row:
@@ -279,17 +297,7 @@ class Engine:
                 continue
             tok = greedy[b] if r.params.temperature <= 0 else sample_row(logits[b], r.params, r.generator)
             fed.append(tok)
-            if tok in r.stop_ids:
-                r.finish_reason, r.stop_id, delta = "stop", tok, r.stream.flush()
-            else:
-                r.ids.append(tok)
-                if logp is not None:
-                    r.logprobs.append(float(logp[b, tok]))
-                delta = r.stream.push(tok)
-                if r.stream.stopped:
-                    r.finish_reason = "stop"
-                elif len(r.ids) >= r.params.max_new_tokens:
-                    r.finish_reason, delta = "length", delta + r.stream.flush()
+            delta = r.advance(tok, None if logp is None else logp[b])
             if on_token is not None:
                 on_token(r.index, delta, r.finish_reason)
         return fed

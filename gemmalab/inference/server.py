@@ -1,315 +1,125 @@
-"""`gemmalab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batched Engine.
+"""`gemmalab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over continuous batching.
 
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both also streaming, by
-server-sent events) and `GET /health`.
-
-One worker thread owns the engine, since the model is not thread-safe. Each prompt of each request becomes a job in
-a bounded queue; the worker takes the first waiting job, waits up to `batch_wait_ms` for more, and runs up to
-`max_batch_size` jobs together in one `Engine.generate` call. Text deltas travel back to the request's asyncio queue
-through `loop.call_soon_threadsafe`, so streams show tokens as they are produced. A full queue answers 429 at once.
+Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both also streaming, by server-sent
+events) and `GET /health`. Three parts: schemas.py (request bodies, the limits in `ServeConfig`, errors in OpenAI's
+shape), batcher.py (the one worker thread that owns the engine; no web framework) and this app. A route checks its
+request against the limits, tokenizes it off the event loop, submits one job per choice, and turns the jobs' events
+into a JSON answer or a stream; text travels back from the worker through `loop.call_soon_threadsafe` as it is made.
+A client that hangs up cancels its jobs, which leave the batch at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from gemmalab.errors import GemmalabError
+from gemmalab.inference.batcher import Batcher, Job, JobTimeout, NotRunning, Overloaded
 from gemmalab.inference.engine import Completion, Engine, SamplingParams
+from gemmalab.inference.schemas import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
+                                        ServeConfig, bad_request, check_request, validation_error)
 from gemmalab.tokenizer import TokenizerError
 
-try:
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-except ImportError as e:  # the server's dependencies are an optional extra
-    raise GemmalabError(
-        f"`gemmalab serve` needs FastAPI and uvicorn ({e.name} is missing); install them with "
-        "`pip install 'gemmalab[serve]'`."
-    ) from None
+from fastapi import APIRouter, FastAPI, Request  # noqa: E402 - importable once schemas found FastAPI
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-__all__ = ["ServerStats", "create_app", "serve"]
+__all__ = ["ServeConfig", "create_app", "serve", "serving"]
 
 log = logging.getLogger("gemmalab.serve")
-
-
-# ---- errors -----------------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 turned into OpenAI's 400, naming the first offending field."""
-    err = exc.errors()[0]
-    loc = [p for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        detail = (err.get("ctx") or {}).get("error", "")
-        return _bad(f"The request body is not valid JSON ({detail}).".replace(" ()", ""))
-    if not loc:  # the body is missing, or JSON but not an object
-        return _bad("The request body must be a JSON object.")
-    path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if err.get("type") == "missing":
-        return _bad(f"Missing required parameter: '{path}'.", param=str(loc[0]))
-    got = f" (got {json.dumps(err['input'], default=str)[:100]})" if "input" in err else ""
-    return _bad(f"Invalid '{path}': {msg}{got}.", param=str(loc[0]))
-
-
-# ---- request bodies ---------------------------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _SamplingFields(BaseModel):
-    """The fields both endpoints share. Unknown fields are ignored (as OpenAI-compatible servers do); fields that
-    would change the result but are not implemented are refused in `_refuse_unsupported`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # extension; 0 and -1 mean "no top-k", as in vLLM
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
-    stop: Any = Field(None, validate_default=True)  # becomes a tuple of strings
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Any) -> tuple[str, ...]:
-        if v is None:
-            return ()
-        if isinstance(v, str):
-            return (v,)
-        if isinstance(v, list) and all(isinstance(s, str) for s in v):
-            return tuple(v)
-        raise ValueError("stop must be a string or a list of strings")
-
-
-class CompletionRequest(_SamplingFields):
-    """Body of POST /v1/completions."""
-
-    prompt: Any
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Any) -> list:
-        def ids(x: Any) -> bool:
-            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-        if isinstance(v, str):
-            return [v]
-        if ids(v):
-            return [v]
-        if isinstance(v, list) and v and all(isinstance(p, str) or ids(p) for p in v):
-            return v
-        raise ValueError("prompt must be a string, a non-empty list of strings, a list of token ids, "
-                         "or a list of lists of token ids")
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: ignored
-
-    role: str
-    content: Any
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: Any) -> str:
-        if isinstance(v, str):
-            return v
-        # The list form: only text parts can be read by a text model.
-        def text_part(p: Any) -> bool:
-            return isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-
-        if isinstance(v, list) and all(text_part(p) for p in v):
-            return "".join(p["text"] for p in v)
-        raise ValueError("content must be a string or a list of {\"type\": \"text\", \"text\": ...} parts")
-
-
-class ChatCompletionRequest(_SamplingFields):
-    """Body of POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-# Fields that would change the answer, with the values that mean "not used".
-_UNSUPPORTED = {
-    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "top_logprobs": (None, 0),
-}
-
-
-def _refuse_unsupported(req: _SamplingFields) -> None:
-    if req.n not in (None, 1):
-        raise _bad(f"n must be 1 on this server (got {req.n}); send separate requests instead.", param="n")
-    values = {**(req.model_extra or {}), **{k: getattr(req, k) for k in _UNSUPPORTED if k in type(req).model_fields}}
-    for name, neutral in _UNSUPPORTED.items():
-        if name in values and values[name] not in neutral:
-            raise _bad(f"'{name}' is not supported by this server.", param=name)
-    fmt = (req.model_extra or {}).get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise _bad("'response_format' is not supported by this server (only plain text).", param="response_format")
-
-
-# ---- the worker ---------------------------------------------------------------------------------------------------
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 @dataclass
-class ServerStats:
-    """Counters the worker keeps (read them from `app.state.stats`)."""
+class _Served:
+    """What the routes share: the engine's tokenizer, the batcher, the limits."""
 
-    accepted: int = 0  # jobs (prompts) taken into the queue
-    rejected: int = 0  # jobs refused because the queue was full
-    waiting: int = 0  # jobs in the queue now
-    batches: int = 0  # engine.generate calls
-    max_batch_size: int = 0  # the most jobs run together so far
+    tokenizer: Any
+    batcher: Batcher
+    config: ServeConfig
+    model_name: str
+    context: int  # the model's positions
+    started: int
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(self.config.max_prompt_tokens or self.context, self.context)
 
-@dataclass(eq=False)
-class _Job:
-    """One prompt of one request, as the worker sees it; events go back to the request's asyncio queue."""
+    def check(self, req: SamplingFields) -> None:
+        if req.model != self.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+        check_request(req, self.config)
 
-    index: int  # the choice index within its request
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: bool = False  # the client went away: keep generating if running, but drop the output
+    def sampling(self, req: SamplingFields, prompt_len: int, max_tokens: int, logprobs: bool, param: str,
+                 choice: int) -> SamplingParams:
+        """The engine's parameters for choice `choice` of a prompt of `prompt_len` tokens, or a 400 naming the limit."""
+        if max_tokens > self.config.max_tokens:
+            raise bad_request(f"{param} must be at most {self.config.max_tokens} on this server (got {max_tokens}).",
+                              param=param)
+        if prompt_len + max_tokens > self.context:
+            raise bad_request(f"This model's maximum context length is {self.context} tokens, but you requested "
+                              f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                              "completion). Shorten the prompt or lower max_tokens.", param=param,
+                              code="context_length_exceeded")
+        if not self.batcher.fits_alone(prompt_len + max_tokens):
+            raise bad_request(f"{prompt_len} prompt tokens plus {max_tokens} new ones need more KV cache than this "
+                              f"server's budget ({self.config.kv_cache_gib:g} GiB); lower max_tokens.", param=param,
+                              code="context_length_exceeded")
+        top_k = req.top_k if req.top_k and req.top_k > 0 else None
+        temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
+        seed = req.seed if req.seed is None or not choice else (req.seed + choice) % 2**63  # n samples differ
+        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=req.top_p,
+                              seed=seed, stop=req.stop, logprobs=logprobs)
 
-    def send(self, *event: Any) -> None:
-        if self.cancelled:
-            return
+    def check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if len(ids) > self.max_prompt_tokens:
+            raise bad_request(f"The prompt has {len(ids)} tokens; this server takes at most {self.max_prompt_tokens}.",
+                              param=param, code="context_length_exceeded")
+        return ids
+
+    def encode_prompts(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt of /v1/completions (runs on a thread: long texts take a while)."""
+        out = []
+        for p in prompts:
+            try:
+                ids = self.tokenizer.encode(p) if isinstance(p, str) else p
+            except TokenizerError as e:
+                raise bad_request(str(e), param="prompt") from None
+            if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
+                raise bad_request(f"Token ids in the prompt must be in [0, {self.tokenizer.vocab_size}).",
+                                  param="prompt")
+            out.append(self.check_prompt(ids, "prompt"))
+        return out
+
+    def encode_messages(self, req: ChatCompletionRequest) -> list[int]:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, *event))
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            pass
+            ids = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages])
+        except TokenizerError as e:
+            raise bad_request(str(e), param="messages") from None
+        if len(ids) >= self.context:
+            raise bad_request(f"This model's maximum context length is {self.context} tokens, but the messages take "
+                              f"{len(ids)} tokens, leaving no room for an answer.", param="messages",
+                              code="context_length_exceeded")
+        return self.check_prompt(ids, "messages")
 
 
-class _Batcher:
-    """A bounded job queue and the one thread that runs jobs on the engine in batches."""
-
-    def __init__(self, engine: Engine, max_queue: int, max_batch_size: int, batch_wait_s: float):
-        self.engine, self.max_queue, self.max_batch_size, self.batch_wait_s = (
-            engine, max_queue, max_batch_size, batch_wait_s)
-        self.stats = ServerStats()
-        self._jobs: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = True
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        with self._cond:
-            self._closed = False
-        self._thread = threading.Thread(target=self._work, name="gemmalab-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Refuse new jobs, fail the waiting ones, and let the thread end after its current batch."""
-        with self._cond:
-            self._closed = True
-            dropped = list(self._jobs)
-            self._jobs.clear()
-            self.stats.waiting = 0
-            self._cond.notify_all()
-        for job in dropped:
-            job.send("error", APIError(503, "The server is shutting down.", type="server_error"))
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def submit(self, jobs: list[_Job]) -> None:
-        """Queue all of a request's jobs, or none: APIError 429 when they do not fit, 503 when stopped."""
-        with self._cond:
-            if self._closed or self._thread is None or not self._thread.is_alive():
-                raise APIError(503, "The server is not running (starting up or shutting down).", type="server_error")
-            if len(self._jobs) + len(jobs) > self.max_queue:
-                self.stats.rejected += len(jobs)
-                raise APIError(429, f"The server is busy: {len(self._jobs)} prompts are waiting (at most "
-                               f"{self.max_queue}). Retry later.", type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": "1"})
-            self._jobs.extend(jobs)
-            self.stats.accepted += len(jobs)
-            self.stats.waiting = len(self._jobs)
-            self._cond.notify_all()
-
-    def _take(self) -> list[_Job] | None:
-        """The next batch (None once stopped): the first waiting job and those that arrive within batch_wait_s."""
-        with self._cond:
-            while not self._jobs and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._jobs) < self.max_batch_size and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self.max_batch_size))]
-            self.stats.waiting = len(self._jobs)
-        return [j for j in batch if not j.cancelled]  # clients that left while waiting need no tokens
-
-    def _work(self) -> None:
-        while (batch := self._take()) is not None:
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: list[_Job]) -> None:
-        self.stats.batches += 1
-        self.stats.max_batch_size = max(self.stats.max_batch_size, len(batch))
-        try:
-            results = self.engine.generate([j.prompt_ids for j in batch], [j.params for j in batch],
-                                           lambda i, delta, finish: batch[i].send("token", delta, finish))
-        except Exception as e:  # requests were checked before they were queued; still, never let the worker die
-            log.exception("engine.generate failed for a batch of %d", len(batch))
-            for job in batch:
-                job.send("error", APIError(500, f"Generation failed: {e}", type="server_error"))
-            return
-        for job, completion in zip(batch, results):
-            job.send("done", completion)
+def _served(request: Request) -> _Served:
+    return request.app.state.served
 
 
 # ---- following a request's jobs -----------------------------------------------------------------------------------
@@ -320,40 +130,115 @@ class _Choice:
     text: str = ""
     tokens: int = 0  # tokens generated, a final stop token included
     finish_reason: str | None = None
-    completion: Completion | None = None  # the engine's result, once the whole batch is done
+    completion: Completion | None = None  # the engine's result, after the last token
     reported: bool = False
 
 
-async def _follow(n: int, events: asyncio.Queue,
-                  need_completion: bool) -> AsyncIterator[tuple[int, str, _Choice | None]]:
-    """Yield (choice index, text delta, the finished choice or None) until all `n` choices are finished.
+def _as_api_error(exc: Exception) -> APIError:
+    """What a client is told about a job that ended badly: the cause where it is theirs, an id to find in the
+    server's log otherwise (internal exception text is not echoed)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, JobTimeout):
+        return APIError(504, str(exc), type="timeout_error", code="timeout")
+    if isinstance(exc, NotRunning):
+        return APIError(503, str(exc), type="server_error", headers=RETRY_AFTER)
+    return _internal(exc, "Generation failed for this request")
 
-    A choice finishes at its last token, so a short answer need not wait for the rest of its batch; only when the
-    engine's Completion is needed (logprobs) does it wait for the batch to end.
-    """
-    choices = [_Choice() for _ in range(n)]
-    left = n
-    while left:
-        index, kind, *rest = await events.get()
-        c = choices[index]
-        if c.reported:
-            continue
-        delta = ""
-        if kind == "token":
-            delta, finish = rest
-            c.text += delta
-            c.tokens += 1
-            c.finish_reason = c.finish_reason or finish
-        elif kind == "done":
-            c.completion = rest[0]
-            c.finish_reason = c.finish_reason or c.completion.finish_reason  # max_tokens=0 sends no token
-        else:
-            raise rest[0]
-        done = c.finish_reason is not None and (c.completion is not None or not need_completion)
-        if done:
-            c.reported, left = True, left - 1
-        if delta or done:
-            yield index, delta, c if done else None
+
+def _internal(exc: BaseException, what: str) -> APIError:
+    ref = secrets.token_hex(6)
+    log.error("%s [error %s]", what, ref, exc_info=exc)
+    return APIError(500, f"{what} (error {ref}); the server's log has the details.", type="server_error")
+
+
+class _Run:
+    """One request's jobs in the batcher and the events that come back from them, in an asyncio queue."""
+
+    def __init__(self, served: _Served, prompts: list[list[int]], params: list[SamplingParams]):
+        self.batcher = served.batcher
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.jobs = [Job(p, sp, functools.partial(self._notify, loop, i), served.config.request_timeout_s)
+                     for i, (p, sp) in enumerate(zip(prompts, params))]
+        try:
+            self.batcher.submit(self.jobs)
+        except Overloaded as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers=RETRY_AFTER) from None
+        except NotRunning as e:
+            raise APIError(503, str(e), type="server_error", headers=RETRY_AFTER) from None
+
+    def _notify(self, loop: asyncio.AbstractEventLoop, index: int, *event: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(self.events.put_nowait, (index, *event))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    def cancel(self) -> None:
+        self.batcher.cancel(self.jobs)
+
+    async def follow(self, need_completion: bool) -> AsyncIterator[tuple[int, str, _Choice | None]]:
+        """Yield (choice index, text delta, the finished choice or None) until every choice is finished."""
+        choices = [_Choice() for _ in self.jobs]
+        left = len(choices)
+        while left:
+            index, kind, *rest = await self.events.get()
+            if kind == "gone":  # nobody to answer (nginx's 499)
+                raise APIError(499, "The client closed the connection.")
+            c = choices[index]
+            if c.reported:
+                continue
+            delta = ""
+            if kind == "token":
+                delta, finish = rest
+                c.text += delta
+                c.tokens += 1
+                c.finish_reason = c.finish_reason or finish
+            elif kind == "done":
+                c.completion = rest[0]
+                c.finish_reason = c.finish_reason or c.completion.finish_reason  # max_tokens=0 sends no token
+            else:
+                raise _as_api_error(rest[0])
+            done = c.finish_reason is not None and (c.completion is not None or not need_completion)
+            if done:
+                c.reported, left = True, left - 1
+            if delta or done:
+                yield index, delta, c if done else None
+
+    async def collect(self, request: Request, need_completion: bool) -> list[_Choice]:
+        """Every choice, finished; a client that hangs up meanwhile cancels the jobs."""
+        watcher = asyncio.create_task(_on_disconnect(request, self))
+        finished: list[_Choice] = [None] * len(self.jobs)  # type: ignore[list-item]
+        try:
+            async for index, _, c in self.follow(need_completion):
+                if c is not None:
+                    finished[index] = c
+        finally:
+            watcher.cancel()
+            self.cancel()
+        return finished
+
+    def stream(self, body: AsyncIterator[str]) -> StreamingResponse:
+        async def guarded() -> AsyncIterator[str]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            except APIError as e:  # the status line is sent already: report the error in the stream
+                yield _sse(e.body())
+            finally:  # also when the client disconnects (Starlette then cancels this generator)
+                self.cancel()
+
+        return StreamingResponse(guarded(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _on_disconnect(request: Request, run: _Run) -> None:
+    """Wait for the client to hang up (the body is read already, so the next message is the disconnect); then
+    cancel its jobs and end the wait for their answers."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    run.cancel()
+    run.events.put_nowait((0, "gone"))
 
 
 def _new_id(prefix: str) -> str:
@@ -382,248 +267,277 @@ def _token_texts(tokenizer, ids: list[int]) -> list[tuple[str, list[int]]]:
     return out
 
 
+# ---- routes -------------------------------------------------------------------------------------------------------
+
+_router = APIRouter()
+
+
+@_router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    s = _served(request)
+    up = s.batcher.alive
+    return JSONResponse({"status": "ok" if up else "unavailable", **asdict(s.batcher.stats)},
+                        status_code=200 if up else 503, headers=None if up else RETRY_AFTER)
+
+
+def _model_card(s: _Served) -> dict:
+    return {"id": s.model_name, "object": "model", "created": s.started, "owned_by": "gemmalab"}
+
+
+@_router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(_served(request))]}
+
+
+@_router.get("/v1/models/{name:path}")
+async def get_model(name: str, request: Request) -> dict:
+    s = _served(request)
+    if name != s.model_name:
+        raise APIError(404, f"The model `{name}` does not exist; this server serves `{s.model_name}`.",
+                       param="model", code="model_not_found")
+    return _model_card(s)
+
+
+@_router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    s = _served(request)
+    s.check(req)
+    n = req.choices
+    if len(req.prompt) * n > s.config.max_prompts:
+        raise bad_request(f"{len(req.prompt)} prompts x n={n} is over this server's limit of {s.config.max_prompts} "
+                          "completions per request.", param="prompt")
+    if len(req.prompt) * n > s.config.max_queue:
+        raise bad_request(f"{len(req.prompt) * n} completions can never fit this server's queue of "
+                          f"{s.config.max_queue}; send fewer per request.", param="prompt")
+    prompts = await asyncio.to_thread(s.encode_prompts, req.prompt)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    want_logprobs = req.logprobs is not None
+    params = [s.sampling(req, len(p), max_tokens, want_logprobs, "max_tokens", j) for p in prompts for j in range(n)]
+    run = _Run(s, [p for p in prompts for _ in range(n)], params)
+    rid, created, name = _new_id("cmpl"), int(time.time()), s.model_name
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    def logprobs_of(index: int, c: _Choice) -> dict | None:
+        if not want_logprobs:
+            return None
+        prompt = req.prompt[index // n]
+        offset = len(prompt) if isinstance(prompt, str) else 0
+        tokens, offsets = [], []
+        for text, _ in _token_texts(s.tokenizer, c.completion.ids):
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": c.completion.logprobs, "top_logprobs": None,
+                "text_offset": offsets}
+
+    def chunk(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+    if not req.stream:
+        finished = await run.collect(request, want_logprobs)
+        return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"index": i, "text": c.text, "logprobs": logprobs_of(i, c),
+                             "finish_reason": c.finish_reason} for i, c in enumerate(finished)],
+                "usage": _usage(prompt_tokens, sum(c.tokens for c in finished))}
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def body() -> AsyncIterator[str]:
+        generated = 0
+        async for index, delta, c in run.follow(want_logprobs):
+            if delta:
+                yield _sse(chunk(index, delta, None, None))
+            if c is not None:
+                generated += c.tokens
+                # logprobs of all the choice's tokens come with its last chunk, as the engine gives them
+                yield _sse(chunk(index, "", c.finish_reason, logprobs_of(index, c)))
+        if include_usage:
+            yield _sse({**chunk(0, "", None, None), "choices": [], "usage": _usage(prompt_tokens, generated)})
+        yield _sse("[DONE]")
+
+    return run.stream(body())
+
+
+@_router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    s = _served(request)
+    s.check(req)
+    n = req.choices
+    if n > s.config.max_queue:
+        raise bad_request(f"n={n} completions can never fit this server's queue of {s.config.max_queue}.", param="n")
+    ids = await asyncio.to_thread(s.encode_messages, req)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:  # default: the rest of the context, within the server's cap
+        max_tokens = min(s.context - len(ids), s.config.max_tokens)
+    want_logprobs = bool(req.logprobs)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    run = _Run(s, [ids] * n, [s.sampling(req, len(ids), max_tokens, want_logprobs, param, j) for j in range(n)])
+    rid, created, name = _new_id("chatcmpl"), int(time.time()), s.model_name
+
+    def logprobs_of(c: _Choice) -> dict | None:
+        if not want_logprobs:
+            return None
+        return {"content": [{"token": text, "logprob": lp, "bytes": raw, "top_logprobs": []}
+                            for (text, raw), lp in zip(_token_texts(s.tokenizer, c.completion.ids),
+                                                       c.completion.logprobs)],
+                "refusal": None}
+
+    if not req.stream:
+        finished = await run.collect(request, want_logprobs)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                             "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
+                            for i, c in enumerate(finished)],
+                "usage": _usage(len(ids), sum(c.tokens for c in finished))}
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
+
+    async def body() -> AsyncIterator[str]:
+        for i in range(n):
+            yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+        generated = 0
+        async for index, delta, c in run.follow(want_logprobs):
+            if delta:
+                yield _sse(chunk(index, {"content": delta}))
+            if c is not None:
+                generated += c.tokens
+                yield _sse(chunk(index, {}, c.finish_reason, logprobs_of(c)))
+        if include_usage:
+            yield _sse({**chunk(0, {}), "choices": [], "usage": _usage(len(ids), generated)})
+        yield _sse("[DONE]")
+
+    return run.stream(body())
+
+
 # ---- the app ------------------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, model_name: str, *, max_queue: int = 64, max_batch_size: int | None = None,
-               batch_wait_ms: float = 5.0) -> FastAPI:
+class _BodyLimit:
+    """ASGI middleware: read a request's body up to `max_bytes` (413 beyond, before any parsing), then hand it on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
+                             code="body_too_large")
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await too_large.response()(scope, receive, send)
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_bytes:
+                return await too_large.response()(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, given = b"".join(parts), False
+
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    batcher = app.state.served.batcher
+    batcher.start()
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(batcher.stop)
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return validation_error(exc).response()
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return _internal(exc, "Internal error").response()
+
+
+def create_app(engine: Engine, model_name: str, config: ServeConfig | None = None, **limits: Any) -> FastAPI:
     """The OpenAI-compatible app serving `engine` under the name `model_name`.
 
-    At most `max_queue` prompts wait (more answer 429); the worker runs up to `max_batch_size` (default: the
-    engine's) together, waiting up to `batch_wait_ms` after the first for others to join. The worker thread starts
-    and stops with the app's lifespan; `app.state.stats` holds its counters.
+    `config` holds the limits (`ServeConfig`); keyword arguments override its fields (`max_queue=8`). The worker
+    thread starts and stops with the app's lifespan; `app.state.stats` holds its counters.
     """
-    if max_queue < 1:
-        raise GemmalabError(f"max_queue must be >= 1, got {max_queue}.")
-    batch_size = max_batch_size or engine.max_batch_size
-    if batch_size < 1:
-        raise GemmalabError(f"max_batch_size must be >= 1, got {batch_size}.")
-    batcher = _Batcher(engine, max_queue, batch_size, batch_wait_ms / 1000)
-    tokenizer = engine.tokenizer
-    context = engine.model.config.max_seq_len
-    started = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(batcher.stop)
-
-    app = FastAPI(title="gemmalab", summary=f"OpenAI-compatible API for {model_name}", lifespan=lifespan)
-    app.state.stats = batcher.stats
-    app.state.batcher = batcher
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", type="server_error").response()
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`.",
-                           param="model", code="model_not_found")
-
-    def sampling(req: _SamplingFields, prompt_len: int, max_tokens: int, logprobs: bool, param: str) -> SamplingParams:
-        if prompt_len + max_tokens > context:
-            raise _bad(f"This model's maximum context length is {context} tokens, but you requested "
-                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-                       "completion). Shorten the prompt or lower max_tokens.", param=param,
-                       code="context_length_exceeded")
-        top_k = req.top_k if req.top_k and req.top_k > 0 else None
-        temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
-        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=req.top_p,
-                              seed=req.seed, stop=req.stop, logprobs=logprobs)
-
-    async def start(prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[_Job], asyncio.Queue]:
-        events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        jobs = [_Job(i, p, sp, loop, events) for i, (p, sp) in enumerate(zip(prompts, params))]
-        batcher.submit(jobs)
-        return jobs, events
-
-    def cancel(jobs: list[_Job]) -> None:
-        for job in jobs:
-            job.cancelled = True
-
-    def streaming(body: AsyncIterator[str], jobs: list[_Job]) -> StreamingResponse:
-        async def guarded() -> AsyncIterator[str]:
-            try:
-                async for chunk in body:
-                    yield chunk
-            except APIError as e:  # the status line is sent already: report the error in the stream
-                yield _sse(e.body())
-            finally:  # also when the client disconnects: its rows may keep running, their output is dropped
-                cancel(jobs)
-
-        return StreamingResponse(guarded(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", **asdict(batcher.stats)}
-
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "gemmalab"}
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str) -> dict:
-        check_model(name)
-        return model_card()
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req.model)
-        _refuse_unsupported(req)
-        prompts: list[list[int]] = []
-        for p in req.prompt:
-            try:
-                ids = tokenizer.encode(p) if isinstance(p, str) else p
-            except TokenizerError as e:
-                raise _bad(str(e), param="prompt") from None
-            if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-                raise _bad(f"Token ids in the prompt must be in [0, {tokenizer.vocab_size}).", param="prompt")
-            prompts.append(ids)
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        want_logprobs = req.logprobs is not None
-        params = [sampling(req, len(p), max_tokens, want_logprobs, "max_tokens") for p in prompts]
-        jobs, events = await start(prompts, params)
-        rid, created = _new_id("cmpl"), int(time.time())
-        prompt_tokens = sum(len(p) for p in prompts)
-
-        def logprobs_of(index: int, c: _Choice) -> dict | None:
-            if not want_logprobs:
-                return None
-            offset = len(req.prompt[index]) if isinstance(req.prompt[index], str) else 0
-            tokens, offsets = [], []
-            for text, _ in _token_texts(tokenizer, c.completion.ids):
-                tokens.append(text)
-                offsets.append(offset)
-                offset += len(text)
-            return {"tokens": tokens, "token_logprobs": c.completion.logprobs, "top_logprobs": None,
-                    "text_offset": offsets}
-
-        def chunk(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-
-        if not req.stream:
-            finished: list[_Choice] = [None] * len(jobs)  # type: ignore[list-item]
-            try:
-                async for index, _, c in _follow(len(jobs), events, want_logprobs):
-                    if c is not None:
-                        finished[index] = c
-            finally:
-                cancel(jobs)
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": i, "text": c.text, "logprobs": logprobs_of(i, c),
-                                 "finish_reason": c.finish_reason} for i, c in enumerate(finished)],
-                    "usage": _usage(prompt_tokens, sum(c.tokens for c in finished))}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def body() -> AsyncIterator[str]:
-            generated = 0
-            async for index, delta, c in _follow(len(jobs), events, want_logprobs):
-                if delta:
-                    yield _sse(chunk(index, delta, None, None))
-                if c is not None:
-                    generated += c.tokens
-                    # logprobs of all the choice's tokens come with its last chunk, as the engine gives them
-                    yield _sse(chunk(index, "", c.finish_reason, logprobs_of(index, c)))
-            if include_usage:
-                yield _sse({**chunk(0, "", None, None), "choices": [], "usage": _usage(prompt_tokens, generated)})
-            yield _sse("[DONE]")
-
-        return streaming(body(), jobs)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        check_model(req.model)
-        _refuse_unsupported(req)
-        try:
-            ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages])
-        except TokenizerError as e:
-            raise _bad(str(e), param="messages") from None
-        if len(ids) >= context:
-            raise _bad(f"This model's maximum context length is {context} tokens, but the messages take "
-                       f"{len(ids)} tokens, leaving no room for an answer.", param="messages",
-                       code="context_length_exceeded")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = context - len(ids) if max_tokens is None else max_tokens  # default: the rest of the context
-        want_logprobs = bool(req.logprobs)
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        jobs, events = await start([ids], [sampling(req, len(ids), max_tokens, want_logprobs, param)])
-        rid, created = _new_id("chatcmpl"), int(time.time())
-
-        def logprobs_of(c: _Choice) -> dict | None:
-            if not want_logprobs:
-                return None
-            return {"content": [{"token": text, "logprob": lp, "bytes": raw, "top_logprobs": []}
-                                for (text, raw), lp in zip(_token_texts(tokenizer, c.completion.ids),
-                                                           c.completion.logprobs)],
-                    "refusal": None}
-
-        if not req.stream:
-            c: _Choice | None = None
-            try:
-                async for _, _, done in _follow(1, events, want_logprobs):
-                    c = done or c
-            finally:
-                cancel(jobs)
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                                 "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}],
-                    "usage": _usage(len(ids), c.tokens)}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
-
-        async def body() -> AsyncIterator[str]:
-            yield _sse(chunk({"role": "assistant", "content": ""}))
-            async for _, delta, c in _follow(1, events, want_logprobs):
-                if delta:
-                    yield _sse(chunk({"content": delta}))
-                if c is not None:
-                    yield _sse(chunk({}, c.finish_reason, logprobs_of(c)))
-                    if include_usage:
-                        yield _sse({**chunk({}), "choices": [], "usage": _usage(len(ids), c.tokens)})
-            yield _sse("[DONE]")
-
-        return streaming(body(), jobs)
-
+    try:
+        config = dataclasses.replace(config or ServeConfig(), **limits)
+    except TypeError as e:
+        fields = ", ".join(f.name for f in dataclasses.fields(ServeConfig))
+        raise GemmalabError(f"create_app: {e}; the limits are: {fields}.") from None
+    batcher = Batcher(engine, config.max_batch_size, config.max_queue, int(config.kv_cache_gib * 2**30),
+                      config.prefill_chunk)
+    app = FastAPI(title="gemmalab", summary=f"OpenAI-compatible API for {model_name}", lifespan=_lifespan)
+    app.state.served = _Served(engine.tokenizer, batcher, config, model_name, engine.model.config.max_seq_len,
+                               int(time.time()))
+    app.state.stats, app.state.batcher = batcher.stats, batcher
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(_router)
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     return app
 
 
+@contextlib.contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+    """Run `app` under uvicorn on a background thread (port 0: a free one) for the `with` block; yields its base URL.
+    For tests, benchmarks and notebooks; `serve` is the foreground server."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.005)
+    if not server.started:
+        sock.close()
+        raise GemmalabError(f"The server did not start on {host}:{port}.")
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
-          **kw: Any) -> None:
+          config: ServeConfig | None = None, **limits: Any) -> None:
     """Serve `engine` as `model_name` on http://host:port until interrupted (Ctrl-C).
 
-    Binds to 127.0.0.1 unless told otherwise: there is no authentication. `kw` goes to `create_app`
-    (max_queue, max_batch_size, batch_wait_ms).
+    Binds to 127.0.0.1 unless told otherwise: there is no authentication. `config` and `limits` go to `create_app`.
     """
     import uvicorn
 
-    uvicorn.run(create_app(engine, model_name, **kw), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(engine, model_name, config, **limits), host=host, port=port, log_level=log_level)

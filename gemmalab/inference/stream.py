@@ -12,6 +12,7 @@ class TextStream:
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.longest_stop = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.text = ""  # the text so far, cut before a stop string once one appears
         self.emitted = 0  # characters of self.text already handed out
@@ -21,7 +22,10 @@ class TextStream:
         """Add one id; returns the new text that is safe to show."""
         self.ids.append(token)
         full = self.tokenizer.decode(self.ids)
-        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+        # Text handed out never changes and held no whole stop string, so only its last few characters and the
+        # new tail need a look (the whole text every token made long answers quadratic).
+        start = max(0, self.emitted - self.longest_stop + 1)
+        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text, self.stopped = full[: min(hits)], True
             return self._take(len(self.text))

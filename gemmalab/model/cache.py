@@ -145,11 +145,19 @@ class RowCache:
         self.next_pos += n_real
 
     def load_row(self, row: int, other: RowCache, other_row: int = 0) -> None:
-        """Row `row` becomes a copy of `other`'s row `other_row` (same config and capacity)."""
+        """Row `row` becomes a copy of `other`'s row `other_row` (same config; `other` may hold fewer columns)."""
+        n = other.capacity
+        if n > self.capacity:
+            raise GemmalabError(f"Cannot load a row of {n} columns into a RowCache of {self.capacity}.")
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
-            mine[row] = theirs[other_row]
-        self.pos[row] = other.pos[other_row]
+            mine[row, :, :n] = theirs[other_row]
+        self.pos[row] = -1
+        self.pos[row, :n] = other.pos[other_row]
         self.next_pos[row] = other.next_pos[other_row]
+
+    def bytes(self) -> int:
+        """Bytes the keys and values take."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def park(self, row: int) -> None:
         """Row `row` holds nothing; its next token goes to position 0 and is ignored."""
