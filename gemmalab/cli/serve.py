@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 
-from gemmalab.cli.common import add_model, add_runtime, load_runtime_model, port, positive_int, require_tokenizer
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+from gemmalab.cli.common import (add_model, add_runtime, load_runtime_model, port, positive_float, positive_int,
+                                 require_tokenizer)
 
 
 def add_parser(sub) -> None:
@@ -26,12 +16,12 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--max-batch-size", type=positive_int, default=32, help="rows decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="prompts that may wait; beyond it requests get 429")
-    p.add_argument("--kv-cache-gib", type=_positive_float, default=4.0,
+    p.add_argument("--kv-cache-gib", type=positive_float, default=4.0,
                    help="memory for the running rows' keys and values; requests wait for room beyond it")
     p.add_argument("--max-tokens", type=positive_int, default=4096, help="the most new tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=positive_int, help="the longest prompt taken (default: the context)")
     p.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20, help="larger request bodies get 413")
-    p.add_argument("--request-timeout-s", type=_positive_float, default=600.0,
+    p.add_argument("--request-timeout-s", type=positive_float, default=600.0,
                    help="a request still running after this long is stopped (504)")
     add_runtime(p)
     p.set_defaults(func=run)
