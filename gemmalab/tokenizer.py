@@ -270,6 +270,9 @@ class Tokenizer:
     def _chat_parts(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str | int, bool]]:
         """The dialogue as text segments (untrusted) and special ids, per the Gemma 3 template, each with whether it
         belongs to a model turn's trained span (its "model\n" + content text, and its <end_of_turn>)."""
+        if not isinstance(messages, (list, tuple)):  # a str or dict would be walked as if it were the list
+            raise TokenizerError(f"apply_chat_template: messages must be a list of {{'role', 'content'}} dicts, got "
+                                 f"{type(messages).__name__}")
         if not messages:
             raise TokenizerError("apply_chat_template: messages is empty")
         for k, m in enumerate(messages):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -115,15 +116,20 @@ def open_gguf(path: str | Path) -> GGUFReader:
 def field(reader: GGUFReader, key: str, default=None):
     """The value of a metadata key, or `default` when absent."""
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    try:
+        return default if f is None else f.contents()
+    except UnicodeDecodeError as e:  # strings are decoded only when read
+        source = getattr(reader.data, "filename", "<GGUF>")
+        raise GemmalabError(f"{source}: metadata key {key} holds text that is not UTF-8 ({e}).") from None
 
 
 def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
     """ModelConfig from GGUF metadata (`{arch}.block_count` etc.) and the embedding's shape."""
     arch = field(reader, "general.architecture")
-    family = _ARCHS.get(arch)
+    family = _ARCHS.get(arch) if isinstance(arch, str) else None
     if family is None:
-        raise GemmalabError(f"{source}: general.architecture is {arch!r}; gemmalab reads gemma, gemma2 and gemma3 GGUF files.")
+        raise GemmalabError(f"{source}: general.architecture is {arch!r:.80}; gemmalab reads gemma, gemma2 and gemma3 "
+                            f"GGUF files.")
 
     def need(key):
         value = field(reader, f"{arch}.{key}")
@@ -135,18 +141,28 @@ def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
         """A size or count: a whole number >= 1 (0 heads would divide by zero, a string is no size)."""
         value = need(key) if default is None else field(reader, f"{arch}.{key}", default)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise GemmalabError(f"{source}: metadata key {arch}.{key} must be a whole number >= 1, got {value!r}.")
+            raise GemmalabError(f"{source}: metadata key {arch}.{key} must be a whole number >= 1, got {value!r:.80}.")
         return int(value)
+
+    def number(key, default):
+        """A real-valued setting (epsilon, rope base, soft-cap): a finite number (a string or list is none)."""
+        value = field(reader, f"{arch}.{key}", default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise GemmalabError(f"{source}: metadata key {arch}.{key} must be a finite number, got {value!r:.80}.")
+        return value
 
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise GemmalabError(f"{source}: tensor token_embd.weight is missing.")
+    if len(embed.shape) != 2:
+        raise GemmalabError(f"{source}: tensor token_embd.weight has shape {embed.shape.tolist()}; expected [dim, vocab].")
     dim, n_heads, n_layers = count("embedding_length"), count("attention.head_count"), count("block_count")
     head_dim = count("attention.key_length", dim // n_heads)
     # GGUF does not store query_pre_attn_scalar; the 27B models use d_model / heads, the others head_dim.
     big = (family == "gemma2" and n_layers == 46) or (family == "gemma3" and n_layers == 62)
     local = family != "gemma"
-    return ModelConfig(
+    values = dict(
         family=family,
         vocab_size=int(embed.shape[1]),  # ggml order: [dim, vocab]
         dim=dim,
@@ -156,18 +172,22 @@ def gguf_config(reader: GGUFReader, source: str) -> ModelConfig:
         head_dim=head_dim,
         ffn_dim=count("feed_forward_length"),
         max_seq_len=count("context_length"),
-        norm_eps=_f32(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 1e6 if family == "gemma3" else 1e4)),
+        norm_eps=_f32(number("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(number("rope.freq_base", 1e6 if family == "gemma3" else 1e4)),
         rope_local_theta=10_000.0 if family == "gemma3" else None,
-        rope_scaling=float(field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0),
+        rope_scaling=float(number("rope.scaling.factor", 1.0) or 1.0),
         query_pre_attn_scalar=dim / n_heads if big else None,
-        attn_softcap=field(reader, f"{arch}.attn_logit_softcapping", 50.0 if family == "gemma2" else None),
-        final_softcap=field(reader, f"{arch}.final_logit_softcapping", 30.0 if family == "gemma2" else None),
+        attn_softcap=number("attn_logit_softcapping", 50.0 if family == "gemma2" else None),
+        final_softcap=number("final_logit_softcapping", 30.0 if family == "gemma2" else None),
         sliding_window=count("attention.sliding_window") if local else None,
         sliding_pattern={"gemma": 0, "gemma2": 2, "gemma3": 6}[family],
         post_norms=local,
         qk_norm=family == "gemma3",
     )
+    try:
+        return ModelConfig(**values)
+    except GemmalabError as e:  # ModelConfig's own checks: heads a multiple of kv heads, an even head_dim
+        raise GemmalabError(f"{source}: {e}") from None
 
 
 def _f32(value: float) -> float:
