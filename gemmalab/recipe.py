@@ -267,6 +267,7 @@ def _eval(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict:
     256-position tiny model) is recorded as skipped, with the reason."""
     import gemmalab
     from gemmalab.evaluate import evaluate, load_task
+    from gemmalab.evaluate.harness import model_identity
     from gemmalab.evaluate.tasks.checkable import load_checkable
     from gemmalab.inference import Engine
 
@@ -290,7 +291,8 @@ def _eval(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict:
         if fits:
             result = evaluate(Engine(model, tokenizer, max_batch_size=spec.batch_size), fits, d["eval"] / name,
                               model=str(d[name] / "model"), limit=spec.limit,
-                              allow_code_execution=spec.allow_code_execution, progress=progress)
+                              allow_code_execution=spec.allow_code_execution, progress=progress,
+                              model_identity=model_identity(d[name] / "model", next(model.parameters()).dtype, None))
         models[name] = {"headline": result.get("headline", {}), "skipped": skipped}
     atomic_write(d["eval"] / "result.json", json.dumps({"stage": "eval", "status": "finished", "models": models},
                                                        indent=1) + "\n")
