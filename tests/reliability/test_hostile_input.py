@@ -1,5 +1,6 @@
 """Hostile input through the real command line: broken or malicious config TOML, JSONL (texts, prompts, task rows,
-preference pairs), GGUF, safetensors, config.json, tokenizer files, task TOML and flags, for every command.
+preference pairs), MMLU CSV, GGUF, safetensors, config.json, tokenizer files, task TOML, flags and run directories,
+for every command.
 
 Each case builds its bad input in tmp_path and runs `gemmalab ...` in-process (`gemmalab.cli.main`). Every one
 must exit non-zero with a message naming the file and its line or field, print no traceback, and leave no output
@@ -151,6 +152,12 @@ def _arc(env: Env, rows: str) -> list[str]:
     return _eval(env, "arc_easy", "--data-dir", str(env.tmp / "data"))
 
 
+def _mmlu(env: Env, test_csv: bytes, dev_csv: bytes = b"q,a,b,c,d,A\n" * 5) -> list[str]:
+    env.file("data/mmlu/test/anatomy_test.csv", test_csv)
+    env.file("data/mmlu/dev/anatomy_dev.csv", dev_csv)
+    return _eval(env, "mmlu", "--data-dir", str(env.tmp / "data"))
+
+
 def _task(env: Env, body: str | bytes, name: str = "mine.toml") -> list[str]:
     env.file("rows.jsonl", '{"q": "a", "c": ["x", "y"], "g": 0}\n')
     return _eval(env, str(env.file(name, body)))
@@ -244,6 +251,14 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "jsonl/memorization-corpus-meta": lambda e: Case(
         ["memorization", "--model", str(e.model()), "--corpus", str(e.file("tokens/meta.json", "{broken").parent),
          "--out", str(e.tmp / "mem")], ["meta.json"], [e.tmp / "mem" / "result.json"]),
+    "csv/mmlu-short-row": lambda e: Case(_mmlu(e, b"q,a,b,c,d,A\nq,a,b,c,B\n"),
+                                         ["anatomy_test.csv, line 2: expected 6 fields, got 5"],
+                                         [e.tmp / "eval" / "result.json"]),
+    "csv/mmlu-not-utf8": lambda e: Case(_mmlu(e, b"q,a,b,c,d,A\n", b"\xff\xfe,a,b\n"),
+                                        ["anatomy_dev.csv cannot be read", "utf-8"], [e.tmp / "eval" / "result.json"]),
+    "csv/mmlu-huge-field": lambda e: Case(_mmlu(e, b"q,a,b,c,d," + b"x" * 200_000), ["anatomy_test.csv",
+                                                                                       "field larger than field limit"],
+                                          [e.tmp / "eval" / "result.json"]),
     # -- GGUF --
     "gguf/huge-string-array": lambda e: Case(["generate", "--model", str(e.file("m.gguf", raw_gguf(huge_string_array()))),
                                               "--prompt", "hi"],
