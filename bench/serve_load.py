@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from gemmalab.inference import Engine, SamplingParams
-from gemmalab.inference.server import serving
+from gemmalab.serve import serving
 
 
 @dataclass
@@ -212,7 +212,7 @@ def run_load(url: str, cases: list[Case], clients: int) -> Report:
 def main() -> None:
     import gemmalab
     from gemmalab.dtypes import cpu_description
-    from gemmalab.inference.server import create_app
+    from gemmalab.serve import create_app
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma3-270m", help="a model reference (gemmalab.load)")

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from gemmalab.inference import Engine, SamplingParams
-from gemmalab.inference.batcher import Batcher, Job, JobTimeout, NotRunning, Overloaded
+from gemmalab.serve.batcher import Batcher, Job, JobTimeout, NotRunning, Overloaded
 from gemmalab.inference.live import COLUMN_STEP, LiveBatch
 
 PROMPTS = ["kalo mi sa", "ne ru to vi", "ze", "po da fe gu hi ja", "mi mi", "be co wu xo yi ka lo"]

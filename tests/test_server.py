@@ -11,7 +11,7 @@ import pytest
 
 import gemmalab
 from gemmalab.inference import Engine, SamplingParams
-from gemmalab.inference.server import create_app, serving
+from gemmalab.serve import create_app, serving
 
 MODEL = "tiny-gemma3"
 PROMPTS = ["kalo mi sa", "ne ru to vi", "ze", "po da fe gu hi ja", "mi mi", "be co wu xo yi ka lo"]

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gemmalab.inference import Engine
-    from gemmalab.inference.server import ServeConfig, serve
+    from gemmalab.serve import ServeConfig, serve
 
     config = ServeConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_gib=args.kv_cache_gib,
                          max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,

@@ -6,7 +6,7 @@ time, in a one-row cache of its own, then copied into a free slot; a finished or
 Between steps the cache grows (more slots, more columns) when a joining row needs it and shrinks when most slots are
 idle, so its memory follows the rows actually running, within a byte budget.
 
-The server's worker runs on it (gemmalab/inference/batcher.py). `Engine.generate` keeps its own left-padded batches
+The server's worker runs on it (gemmalab/serve/batcher.py). `Engine.generate` keeps its own left-padded batches
 for a fixed set of prompts (and sliding-window rings); both sample each row with `_Row.advance`.
 """
 

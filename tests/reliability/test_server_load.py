@@ -11,7 +11,7 @@ import pytest
 
 from gemmalab.inference import Engine
 from gemmalab.inference.live import LiveBatch
-from gemmalab.inference.server import create_app, serving
+from gemmalab.serve import create_app, serving
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "serve_load.py"
 

@@ -1,11 +1,12 @@
 """`gemmalab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over continuous batching.
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both also streaming, by server-sent
-events) and `GET /health`. Three parts: schemas.py (request bodies, the limits in `ServeConfig`, errors in OpenAI's
-shape), batcher.py (the one worker thread that owns the engine; no web framework) and this app. A route checks its
-request against the limits, tokenizes it off the event loop, submits one job per choice, and turns the jobs' events
-into a JSON answer or a stream; text travels back from the worker through `loop.call_soon_threadsafe` as it is made.
-A client that hangs up cancels its jobs, which leave the batch at the next step.
+events) and `GET /health`. Beside config.py (the limits, `ServeConfig`), schemas.py (request bodies, errors in
+OpenAI's shape) and batcher.py (the one worker thread that owns the engine; no web framework), this is the app: a
+route checks its request against the limits, tokenizes it off the event loop, submits one job per choice, and turns
+the jobs' events into a JSON answer or a stream; text travels back from the worker through
+`loop.call_soon_threadsafe` as it is made. A client that hangs up cancels its jobs, which leave the batch at the next
+step.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gemmalab.errors import GemmalabError
-from gemmalab.inference.batcher import Batcher, Job, JobTimeout, NotRunning, Overloaded
+from gemmalab.serve.batcher import Batcher, Job, JobTimeout, NotRunning, Overloaded
 from gemmalab.inference.engine import Completion, Engine, SamplingParams
-from gemmalab.inference.schemas import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
-                                        ServeConfig, bad_request, check_request, validation_error)
+from gemmalab.serve.config import ServeConfig
+from gemmalab.serve.schemas import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, bad_request,
+                                    check_request, validation_error)
 from gemmalab.tokenizer import TokenizerError
 
 from fastapi import APIRouter, FastAPI, Request  # noqa: E402 - importable once schemas found FastAPI

@@ -1,6 +1,6 @@
 """The server's worker: one thread owns the engine and decodes every running request together (continuous batching).
 
-No web framework here (the HTTP app is gemmalab/inference/server.py). A request's prompts become `Job`s in a bounded
+No web framework here (the HTTP app is gemmalab/serve/app.py). A request's prompts become `Job`s in a bounded
 queue; `submit` takes all of a request's jobs or none. Each turn of the worker:
 1. drops rows whose client left (`cancel`) or whose time ran out (the job gets `JobTimeout`);
 2. prefills waiting jobs, about one chunk of prompt tokens per turn, each joining the running batch as soon as its
