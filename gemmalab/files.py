@@ -142,7 +142,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
     if path.exists():
         path.rename(old)  # a symlink is renamed itself: the folder it points to is left as it is
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            old.rename(path)  # put the old folder back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old.is_symlink():
         old.unlink()
     else:

@@ -164,10 +164,11 @@ def test_cancelled_job_leaves_at_once_and_frees_memory(engine, batcher):
 
 
 def _until_idle(batcher):
-    for _ in range(2000):
-        if not batcher.live.rows and batcher.stats.waiting == 0:
+    for _ in range(12000):  # a hang guard, not a speed check
+        if not batcher.live.rows and batcher.stats.waiting == 0 and batcher.stats.kv_bytes == 0:
             return
         threading.Event().wait(0.01)
+    raise AssertionError(f"the batcher never went idle: {batcher.stats}")
 
 
 def test_a_failing_job_fails_alone(engine, batcher):
@@ -244,6 +245,10 @@ def test_stopping_fails_what_is_running_and_waiting(engine):
     b.submit([job(engine, PROMPTS[i], 30, r) for i, r in enumerate(recs)])
     stopper = threading.Thread(target=b.stop)
     stopper.start()
+    for _ in range(12000):  # the stop is seen before the held step ends (a hang guard)
+        if b._closed:
+            break
+        threading.Event().wait(0.01)
     opened.set()
     stopper.join(60)
     wait(recs)

@@ -81,7 +81,15 @@ class LiveBatch:
 
     def fits_alone(self, positions: int) -> bool:
         """Whether a row reaching `positions` could ever run here (alone, within the budget)."""
-        return self.budget is None or self.bytes_for(1, positions) <= self.budget
+        return positions <= self.most_positions()
+
+    def most_positions(self) -> int:
+        """The most positions one row may reach within the budget (and the model's context)."""
+        limit = self.model.config.max_seq_len
+        if self.budget is None:
+            return limit
+        columns = self.budget // self.token_bytes
+        return min(limit, columns if columns >= limit else columns // COLUMN_STEP * COLUMN_STEP)
 
     def _plan(self, positions: int) -> tuple[int, int] | None:
         """(rows, columns) of the cache once a row reaching `positions` joins; None when it does not fit now."""
@@ -202,7 +210,7 @@ class LiveBatch:
             return
         columns = self.columns(max(self.reach(r) for r in live))
         if 4 * len(live) <= len(self.slots) or 2 * columns <= self.cache.capacity:
-            self._rebuild(1 << (len(live) - 1).bit_length(), columns)
+            self._rebuild(min(self.max_rows, 1 << (len(live) - 1).bit_length()), columns)
 
     def _rebuild(self, rows: int, columns: int) -> None:
         """A new cache of `rows` x `columns`: the live rows move to its first slots, in order."""

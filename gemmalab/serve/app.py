@@ -35,10 +35,10 @@ from gemmalab.serve.schemas import (APIError, ChatCompletionRequest, CompletionR
                                     check_request, validation_error)
 from gemmalab.tokenizer import TokenizerError
 
-from fastapi import APIRouter, FastAPI, Request  # noqa: E402 - importable once schemas found FastAPI
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from fastapi import APIRouter, FastAPI, Request  # schemas (above) says how to install it when it is missing
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = ["ServeConfig", "create_app", "serve", "serving"]
 
@@ -227,11 +227,24 @@ class _Run:
                     yield chunk
             except APIError as e:  # the status line is sent already: report the error in the stream
                 yield _sse(e.body())
-            finally:  # also when the client disconnects (Starlette then cancels this generator)
-                self.cancel()
 
-        return StreamingResponse(guarded(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _Stream(self, guarded())
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events whose jobs are cancelled when the response ends, however it ends: finished, the client
+    gone (Starlette stops the body), or a send that fails (servers that do not report disconnects)."""
+
+    def __init__(self, run: _Run, body: AsyncIterator[str]):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()
 
 
 async def _on_disconnect(request: Request, run: _Run) -> None:
@@ -370,8 +383,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         raise bad_request(f"n={n} completions can never fit this server's queue of {s.config.max_queue}.", param="n")
     ids = await asyncio.to_thread(s.encode_messages, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if max_tokens is None:  # default: the rest of the context, within the server's cap
-        max_tokens = min(s.context - len(ids), s.config.max_tokens)
+    if max_tokens is None:  # default: the rest of the context, within the server's cap and its KV budget
+        max_tokens = max(0, min(s.context, s.batcher.live.most_positions()) - len(ids))
+        max_tokens = min(max_tokens, s.config.max_tokens) or 1  # 0 room: the check below names the budget
     want_logprobs = bool(req.logprobs)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     run = _Run(s, [ids] * n, [s.sampling(req, len(ids), max_tokens, want_logprobs, param, j) for j in range(n)])

@@ -54,7 +54,7 @@ class Job:
     timeout_s: float | None = None  # from submission; None: no limit
     cancelled: bool = False  # set by `Batcher.cancel`: the client left, stop and say nothing more
     deadline: float = field(default=float("inf"), init=False)
-    joined_step: int | None = field(default=None, init=False)  # the batch's step count when it joined
+    joined_step: int | None = field(default=None, init=False)  # decode steps run when it joined (None: not yet)
 
 
 @dataclass
@@ -220,11 +220,12 @@ class Batcher:
                 return None
             head = self._queue[0]
             reach = len(head.prompt) + head.params.max_new_tokens
-            if not self.live.fits(reach) and (self.live.rows or self.live.fits_alone(reach)):
+            never = not self.live.fits_alone(reach)  # it would block the queue forever (the app refuses these)
+            if not never and not self.live.fits(reach):
                 return None  # it waits for rows to finish
             job = self._queue.popleft()
             self.stats.waiting = len(self._queue)
-        if not self.live.fits(reach):  # could never run: it would block the queue forever
+        if never:
             self._fail(job, GemmalabError(f"The request needs {self.live.bytes_for(1, reach) / 2**20:.0f} MiB of "
                                           f"KV cache, over the budget of {self.live.budget / 2**20:.0f} MiB."))
             return self._next_job()
@@ -256,8 +257,14 @@ class Batcher:
                 if p.logits is None:
                     return  # the rest of this prompt in the next turns
                 self._joining = None
+                if time.monotonic() >= job.deadline:  # its time ran out while its prompt was read
+                    self._jobs.pop(id(p.row), None)
+                    self._update_memory()
+                    self._expire(job)
+                    continue
                 job.joined_step = self.live.steps
                 delta = self.live.place(p)
+                self._update_memory()
             except Exception as e:  # noqa: BLE001
                 self._joining = None
                 self._jobs.pop(id(p.row), None)
@@ -265,8 +272,8 @@ class Batcher:
                 self._fail(job, e)
                 continue
             self.stats.max_batch_size = max(self.stats.max_batch_size, len(self.live.rows))
+            self.stats.running = len(self.live.rows)
             self._deliver(job, p.row, delta)
-            self._update_memory()
 
     def _decode(self) -> None:
         if not self.live.rows:
@@ -276,14 +283,18 @@ class Batcher:
             events = self.live.step()
         except Exception as e:  # noqa: BLE001 - the batched step itself failed: every row in it fails
             log.exception("a decode step of %d rows failed", len(self.live.rows))
-            for row in self.live.rows:
+            rows = self.live.rows
+            self.live.clear()  # all at once: dropping row by row would rebuild (allocate) the cache on the way
+            self.stats.running = 0
+            self._update_memory()
+            for row in rows:
                 job = self._jobs.pop(id(row), None)
                 if job is not None:
                     self._fail(job, e)
-            for row in self.live.rows:
-                self.live.drop(row)
             return
         self.stats.steps += 1
+        self.stats.running = len(self.live.rows)
+        self._update_memory()  # before the jobs hear of it: a finished job sees its memory already freed
         for ev in events:
             job = self._jobs.get(id(ev.row))
             if job is None:
@@ -295,7 +306,7 @@ class Batcher:
             else:
                 self._deliver(job, ev.row, ev.delta)
         self.stats.running = len(self.live.rows)
-        self._update_memory()
+        self._update_memory()  # a callback that failed dropped its row
 
     def _deliver(self, job: Job, row, delta: str) -> None:
         """Send a row's new text; at its end, its Completion. A callback that fails ends its own job."""

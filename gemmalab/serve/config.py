@@ -21,7 +21,7 @@ class ServeConfig:
     max_n: int = 8
     max_stop: int = 8  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
-    request_timeout_s: float = 600.0  # from arrival to the last token; then 504 (or an error event in a stream)
+    request_timeout_s: float = 600.0  # from queueing to the last token; then 504 (or an error event in a stream)
     prefill_chunk: int = 256  # prompt tokens prefilled per turn, between decode steps
 
     def __post_init__(self) -> None:

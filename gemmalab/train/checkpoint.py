@@ -16,6 +16,7 @@ with a `.tmp` name is never resumed from (a kill mid-write leaves exactly such a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -42,6 +43,8 @@ MARKER = "COMPLETE"
 # train_state.json, renamed to step-N/ (no marker yet), + COMPLETE (older checkpoints not yet pruned).
 PHASES = ("tmp", "model", "rng", "state", "renamed", "marked")
 _NAME = re.compile(r"^step-(\d{7,})$")
+
+log = logging.getLogger(__name__)
 
 
 def _rank() -> int:
@@ -179,7 +182,6 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
             _fsync_dir(final)
             _fsync_dir(root)
             done("marked")
-            _prune(root, keep)
     except BaseException as e:  # CheckpointException (DCP's) is a BaseException
         if rank == 0:  # a partial copy is never resumed from, and on a full disk its space is wanted back
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,6 +196,11 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
                 "There is no earlier complete checkpoint: free some space and start again.")
         raise GemmalabError(f"Checkpoint step {step} could not be written to {root}: {cause.strerror or cause}; "
                             f"its partial copy was removed. {then}") from e
+    if rank == 0:  # the new checkpoint is complete: failing to delete an old one must not say otherwise
+        try:
+            _prune(root, keep)
+        except OSError as e:
+            log.warning("checkpoint %s is complete, but older ones could not be pruned: %s", final, e)
     _barrier()
     return final
 

@@ -271,3 +271,23 @@ def test_an_unknown_checkpoint_phase_is_a_named_error():
 
     with pytest.raises(GemmalabError, match=r"`debug.hang_in_checkpoint` must be one of tmp, model, .* got 'halfway'"):
         load(PretrainConfig, None, ["debug.hang_in_checkpoint=halfway"])
+
+
+def test_a_checkpoint_whose_old_ones_cannot_be_pruned_is_still_complete(tmp_path, monkeypatch, caplog):
+    """Deleting an older checkpoint fails after the new one is complete: the write succeeds (with a warning), it does
+    not claim the new checkpoint was lost."""
+    import torch
+
+    from gemmalab.train import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def broken_prune(root, keep):
+        raise PermissionError(13, "Permission denied", str(root / "step-0000001"))
+
+    monkeypatch.setattr(checkpoint, "_prune", broken_prune)
+    final = checkpoint.save_checkpoint(tmp_path, 2, model, optimizer, {"step": 2})
+    assert (final / checkpoint.MARKER).is_file()
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [2]
+    assert "could not be pruned" in caplog.text
