@@ -215,8 +215,12 @@ class MetricsLogger:
         if self._file is None:
             raise GemmalabError("MetricsLogger.log called after close().")
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()  # a crashed run keeps every logged step
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()  # a crashed run keeps every logged step
+        except OSError as e:  # disk full, quota: the run stops here, its checkpoints stay
+            raise GemmalabError(f"{self.run_dir / 'metrics.jsonl'}: could not record step {step} "
+                                f"({e.strerror or e}); free some space and continue with --resume.") from e
         if self._writer is not None:
             for name, value in row.items():
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

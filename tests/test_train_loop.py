@@ -196,3 +196,37 @@ def test_config_loading(tmp_path):
         load(PretrainConfig, None, ["train.steps=ten"])
     with pytest.raises(GemmalabError, match="train.dtype"):
         load(PretrainConfig, None, ["train.dtype=fp16"])
+
+
+def test_a_disk_full_at_export_or_in_metrics_is_a_named_error_and_resumable(shards, tmp_path, monkeypatch):
+    """Disk full while exporting the model: no half-written model folder, a message naming it, and --resume exports
+    from the kept checkpoint. Disk full while recording a step: a message naming metrics.jsonl."""
+    import errno
+
+    import gemmalab.checkpoint.hf as hf
+    from gemmalab.runs import MetricsLogger
+
+    cfg = load(PretrainConfig, _config_file(tmp_path, shards), ["train.steps=4", "checkpoint.every=2"])
+    save_hf = hf.save_hf
+
+    def full_disk(model, directory, tokenizer=None):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf, "save_hf", full_disk)
+    with pytest.raises(GemmalabError, match=r"could not be exported to .*model: No space left on device.*--resume"):
+        pretrain(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model").exists() and not list((tmp_path / "run").glob(".model*"))
+    monkeypatch.setattr(hf, "save_hf", save_hf)
+    resumed = load(PretrainConfig, _config_file(tmp_path, shards), ["train.steps=4", "checkpoint.every=2"])
+    result = pretrain(resumed, tmp_path / "run", progress=False, resume=True)
+    assert result["status"] == "finished" and (tmp_path / "run" / "model" / "config.json").is_file()
+
+    class FullFile(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with MetricsLogger(tmp_path / "m", tensorboard=False) as logger:
+        logger._file = FullFile()
+        with pytest.raises(GemmalabError, match=r"metrics.jsonl: could not record step 3 \(No space left"):
+            logger.log(3, {"loss": 1.0})

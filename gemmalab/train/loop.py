@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gemmalab.errors import GemmalabError
+from gemmalab.files import atomic_dir
 from gemmalab.host_memory import keep_freed_memory
 from gemmalab.model.gemma import Gemma
 from gemmalab.runs import RunDir
@@ -394,4 +395,9 @@ def export_model(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo, 
     with torch.device("meta"):
         plain = Gemma(mc)
     plain.load_state_dict({k: v.float() for k, v in full.items()}, assign=True)
-    save_hf(plain, directory, tokenizer)
+    try:
+        with atomic_dir(directory) as tmp:  # a failed export leaves no half-written model beside result.json
+            save_hf(plain, tmp, tokenizer)
+    except OSError as e:
+        raise GemmalabError(f"The trained model could not be exported to {directory}: {e.strerror or e}. The "
+                            "newest checkpoint is kept: free some space and continue with --resume.") from e
