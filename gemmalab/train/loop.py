@@ -146,13 +146,14 @@ class Trainer:
 
     def fit(self, model: nn.Module, objective: Objective, batches: Batches, *, seq_len: int,
             tokenizer: Any = None, progress: bool | None = None,
-            export_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> dict:
+            export_state: Callable[[dict[str, torch.Tensor], Path], dict[str, torch.Tensor]] | None = None) -> dict:
         """Train `model` (from `build_model`) for `train.steps` steps; returns the run's figures:
         {"status": "finished" | "interrupted", "steps", "tokens", "final_loss", "seconds", "tokens_per_s", "mfu",
         "params", "world_size", "device", "carbon", "model_dir"}. On SIGTERM it checkpoints at the next step
         boundary and returns with status "interrupted" (no carbon, no export). `seq_len` is the row length for
-        the FLOPs of attention in MFU; `tokenizer` goes into the exported model directory; `export_state` maps the
-        trained model's full state dict to a plain Gemma's (LoRA: the adapters merged into the weights).
+        the FLOPs of attention in MFU; `tokenizer` goes into the exported model directory; `export_state(state, folder)` maps the
+        trained model's full state dict to a plain Gemma's (LoRA: the adapters merged into the weights), and may
+        write more files into the folder being exported (the reward model's head).
         Raises GemmalabError after `train.max_bad_steps` non-finite steps in a row.
         """
         cfg, d, run = self.cfg, self.dist, self.run
@@ -390,13 +391,13 @@ def export_model(model: nn.Module, mc, tokenizer, directory: Path, d: DistInfo, 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return
-    if export_state is not None:
-        full = export_state(full)
-    with torch.device("meta"):
-        plain = Gemma(mc)
-    plain.load_state_dict({k: v.float() for k, v in full.items()}, assign=True)
     try:
         with atomic_dir(directory) as tmp:  # a failed export leaves no half-written model beside result.json
+            if export_state is not None:
+                full = export_state(full, tmp)
+            with torch.device("meta"):
+                plain = Gemma(mc)
+            plain.load_state_dict({k: v.float() for k, v in full.items()}, assign=True)
             save_hf(plain, tmp, tokenizer)
     except OSError as e:
         raise GemmalabError(f"The trained model could not be exported to {directory}: {e.strerror or e}. The "

@@ -348,9 +348,9 @@ def reward(cfg: RewardConfig, out: str | Path | None = None, resume: bool = Fals
     batches = PreferenceBatches(train, cfg.data.batch_size, pad_id=tokenizer.pad_id, seed=cfg.data.seed, rank=d.rank,
                                 world_size=d.world_size)
 
-    def export(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # rank 0, the full state
+    def export(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:  # rank 0, the full state
         trunk, head = split_head(state, REWARD_HEAD)
-        save_head(head, run.model_dir, REWARD_HEAD)
+        save_head(head, folder, REWARD_HEAD)
         return trunk
 
     result = trainer.fit(model, BradleyTerryObjective(cfg.reward.center_coef), batches, seq_len=cfg.data.seq_len,

@@ -128,7 +128,7 @@ def sft(cfg: SFTConfig, out: str | Path | None = None, resume: bool = False, *, 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batches = DialogueBatches(examples, data.batch_size, data.seq_len, pad_id=tokenizer.pad_id, packing=data.packing,
                               seed=data.seed, rank=d.rank, world_size=d.world_size)
-    export = (lambda state: merge(state, cfg.lora.scale)) if cfg.lora is not None else None
+    export = (lambda state, folder: merge(state, cfg.lora.scale)) if cfg.lora is not None else None
     result = trainer.fit(model, NextTokenObjective(cfg.train.z_loss, cfg.train.loss_chunk_mb), batches,
                          seq_len=data.seq_len, tokenizer=tokenizer, progress=progress, export_state=export)
     status = result.pop("status")
