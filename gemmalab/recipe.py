@@ -277,7 +277,7 @@ def _eval(cfg: RecipeConfig, d: dict[str, Path], progress: bool) -> dict:
              else load_task(n, Path(spec.data_dir) if spec.data_dir else None) for n in spec.tasks]
     models = {}
     for name in spec.models:
-        model, tokenizer = gemmalab.load(d[name] / "model")
+        model, tokenizer = gemmalab.load(d[name] / "model", dtype="fp32")  # as the stages computed their figures
         fits, skipped = [], {}
         for task in tasks:
             samples = task.samples[:spec.limit] if spec.limit is not None else task.samples

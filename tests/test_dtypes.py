@@ -70,6 +70,7 @@ def test_entry_points_honour_auto(native, probe, tiny_tokenizer, tmp_path, caplo
     ref = save_hf(model, tmp_path / "m", tiny_tokenizer)
     loaded, _ = gemmalab.load(ref, dtype="auto")
     assert loaded.embed.weight.dtype == want
+    assert gemmalab.load(ref)[0].embed.weight.dtype == want  # auto is the Python API's default
     assert dtype_arg("auto") == want  # every --dtype flag
     from gemmalab.cli import build_parser
 
@@ -80,6 +81,8 @@ def test_entry_points_honour_auto(native, probe, tiny_tokenizer, tmp_path, caplo
         assert args.dtype == want, argv  # auto is the inference commands' default
     cfg = load(SFTConfig, None, [f'model.init_from="{ref}"', 'train.dtype="auto"'])
     assert cfg.train.dtype == want
+    assert load(SFTConfig, None, [f'model.init_from="{ref}"']).train.dtype == want  # and training's default
+    assert load(SFTConfig, None, [f'model.init_from="{ref}"', 'train.dtype="fp32"']).train.dtype == torch.float32
     with caplog.at_level(logging.WARNING, logger="gemmalab.checkpoint"):
         gemmalab.load(ref, dtype="bf16")  # explicit: honoured, with a warning where it is the slow one
     assert any("100x slower" in r.message for r in caplog.records) == (not native)

@@ -78,14 +78,14 @@ def load_config(ref: str | Path) -> ModelConfig:
     raise GemmalabError(f"{path}: no model config can be read from it; name an HF model directory or a .gguf file.")
 
 
-def load(ref: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+def load(ref: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
          config: ModelConfig | None = None, quantize: str | None = None):
     """Load a model and its tokenizer: `model, tokenizer = gemmalab.load("gemma3-270m")`.
 
     `ref` is a registered name, an HF model directory, a `.gguf` file, or a gemma_pytorch `.ckpt` (which needs
-    `config`, since the file carries none). The tokenizer is None when the reference has none. `dtype="auto"`:
-    bf16 on CUDA and on CPUs with fast native bf16, else fp32 (gemmalab.dtypes); an explicit bf16 on a CPU without
-    it is honoured, with a warning. `quantize` ("int8" or "int4", gemmalab.model.quant) quantizes for inference; a
+    `config`, since the file carries none). The tokenizer is None when the reference has none. `dtype="auto"` (the
+    default): bf16 on CUDA and on CPUs with fast native bf16, else fp32 (gemmalab.dtypes); an explicit bf16 on a CPU
+    without it is honoured, with a warning. `quantize` ("int8" or "int4", gemmalab.model.quant) quantizes for inference; a
     GGUF's Q4_K and Q4_0 matrices keep the file's own grid under "int4" (the rest of such a file, stored at more
     than 4 bits, becomes int8), so the model computes the file's weights instead of a re-rounding of them.
     """

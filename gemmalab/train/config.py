@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gemmalab.config import convert
-from gemmalab.dtypes import dtype_name
+from gemmalab.dtypes import dtype_name, parse_dtype
 from gemmalab.errors import GemmalabError
 from gemmalab.model.config import ModelConfig, get_preset
 
@@ -77,7 +77,9 @@ class TrainSection:
 
     steps: int = 300
     grad_accum: int = 1  # micro-batches per optimizer step
-    dtype: torch.dtype = torch.float32  # fp32, or bf16: bf16 compute with fp32 master weights
+    # fp32, bf16 (bf16 compute, fp32 master weights), or "auto" (the default, resolved when the config is read): bf16
+    # on CUDA (when there is one) and on CPUs with fast native bf16, else fp32
+    dtype: torch.dtype = "auto"  # type: ignore[assignment]
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
     z_loss: float = 0.0  # language-model objectives: weight of the log Z^2 term
@@ -92,6 +94,8 @@ class TrainSection:
     peak_flops: float | None = None  # per device, for MFU; None: the GPU's spec sheet, or measured on CPU
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):  # "auto", the default
+            self.dtype = parse_dtype(self.dtype, None if self.device == "auto" else self.device)
         problems = [f"`{name}` must be >= 1, got {getattr(self, name)}"
                     for name in ("steps", "grad_accum", "loss_chunk_mb", "log_every", "max_bad_steps")
                     if getattr(self, name) < 1]

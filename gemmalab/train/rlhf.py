@@ -632,7 +632,7 @@ def rlhf(cfg: RLHFConfig, out: str | Path | None = None, resume: bool = False, *
         shutil.copytree(best_dir, run.model_dir)
         from gemmalab.checkpoint import load as load_model
 
-        final, _ = load_model(run.model_dir, device=device)
+        final, _ = load_model(run.model_dir, dtype=torch.float32, device=device)  # as the policy it replaces
     else:
         _save_policy(policy, tokenizer, run.model_dir)
         final = policy
