@@ -4,6 +4,7 @@ at fault, and atomic writes (a reader never sees half a file, a crash never leav
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import io
 import json
@@ -133,20 +134,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     `path` is never a mix of old and new files (a crash between the two renames leaves both siblings, hidden)."""
     path = Path(path)
     tmp, old = (path.with_name(f".{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
+    if path.parent.is_dir():  # what a killed earlier write left (any pid: containers reuse them)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+            if stale.name.rsplit("-", 1)[0] in (f".{path.name}.tmp", f".{path.name}.old"):
+                stale.unlink() if stale.is_symlink() else shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        moved = False
+        if path.exists() or path.is_symlink():
+            path.rename(old)  # a symlink is renamed itself: the folder it points to is left as it is
+            moved = True
+        try:
+            tmp.rename(path)
+        except BaseException:
+            if moved:
+                old.rename(path)  # put the old folder back
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        path.rename(old)  # a symlink is renamed itself: the folder it points to is left as it is
-    try:
-        tmp.rename(path)
-    except BaseException:
-        if old.exists() or old.is_symlink():
-            old.rename(path)  # put the old folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old.is_symlink():
@@ -167,13 +172,20 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+_MODEL_FILES = ("*.safetensors", "*.gguf", "*.ckpt", "*.bin", "*.pt", "*.json", "tokenizer.model")
+
+
 def stamp(path: str | Path) -> str | None:
-    """A short digest of the names, sizes and modification times of a file or of every file under a folder (None
-    if nothing is there): cheap, and it changes when weights are rewritten, so a resumed run can tell another model."""
+    """A short digest of the names, sizes and modification times of a file, or of a model folder's own files (its
+    weights, JSON and tokenizer at the top level: not an --out folder or logs inside it); None if nothing is there.
+    Cheap, and it changes when weights are rewritten, so a resumed run can tell another model."""
     import hashlib
 
     p = Path(path)
-    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file()) if p.exists() else []
+    if p.is_dir():
+        files = sorted({f for pattern in _MODEL_FILES for f in p.glob(pattern) if f.is_file()})
+    else:
+        files = [p] if p.is_file() else []
     if not files:
         return None
     listing = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])

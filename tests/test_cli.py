@@ -121,3 +121,12 @@ def test_the_engine_refuses_a_batch_of_zero():
 
     with pytest.raises(GemmalabError, match="max_batch_size"):
         Engine(Gemma(get_preset("tiny-gemma")), None, max_batch_size=0)
+
+
+def test_a_whole_number_flag_too_big_for_a_float_is_read_not_a_traceback(capsys):
+    """A 400-digit number: int() reads it, a float cannot hold it (the range check was an OverflowError traceback)."""
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-batch-size", "9" * 400])
+    assert args.max_batch_size == int("9" * 400)
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["serve", "--model", "m", "--port", "9" * 400])
+    assert stop.value.code == 2 and "--port" in capsys.readouterr().err

@@ -164,3 +164,11 @@ def test_hidden_states_times_the_embedding_are_the_logits():
         hidden = model(tokens, return_hidden=True)
         logits = torch.tanh(hidden @ model.embed.weight.T / 30.0) * 30.0
         torch.testing.assert_close(logits, model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_with_absurdly_many_layers_is_refused_before_anything_is_built():
+    from gemmalab.errors import GemmalabError
+    from gemmalab.model.config import MAX_LAYERS, ModelConfig
+
+    with pytest.raises(GemmalabError, match=f"n_layers must be at most {MAX_LAYERS}"):
+        ModelConfig(n_layers=10**9)  # a broken config.json: Gemma(cfg) on meta would hang (pretrain --dry-run)

@@ -88,3 +88,27 @@ def test_jsonl_lines_reports_every_bad_line_and_a_cut_file(tmp_path):
     got = list(jsonl_lines(hostile))
     assert [obj for _, obj, _ in got] == [None, None, {"text": "c"}]
     assert got[0][2].startswith("not valid JSON here") and "nested too deeply" in got[1][2]
+
+
+def test_atomic_dir_clears_what_a_killed_write_left_and_stamp_reads_the_model_files_only(tmp_path):
+    from gemmalab.files import atomic_dir, stamp
+
+    dst = tmp_path / "model"
+    dst.mkdir()
+    (dst / "config.json").write_text("{}")
+    for stale in (".model.tmp-1", ".model.old-77"):  # another pid's leftovers (a container reuses pids)
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".model.old-77" / "x").write_text("")
+    (tmp_path / ".modelx.tmp-1").mkdir()  # another folder's: kept
+    with atomic_dir(dst) as tmp:
+        (tmp / "config.json").write_text('{"new": 1}')
+    assert (dst / "config.json").read_text() == '{"new": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".modelx.tmp-1", "model"]
+    before = stamp(dst)
+    (dst / "eval").mkdir()
+    (dst / "eval" / "samples.jsonl").write_text("{}\n")  # an --out folder inside the model's: not the model
+    (dst / "notes.txt").write_text("hi")
+    assert stamp(dst) == before
+    (dst / "model.safetensors").write_bytes(b"w")
+    assert stamp(dst) != before

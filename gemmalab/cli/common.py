@@ -31,7 +31,7 @@ def _checked(kind: type, ok: Callable[[int | float], bool], rule: str) -> Callab
             n = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-        if not math.isfinite(n) or not ok(n):
+        if (kind is float and not math.isfinite(n)) or not ok(n):  # an int is finite (and may be too big for a float)
             raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
         return n
 

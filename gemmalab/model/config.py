@@ -10,6 +10,9 @@ from gemmalab.errors import GemmalabError
 FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
+MAX_LAYERS = 4096  # far above any model (Gemma 2 27B: 46); a config.json saying 10**9 is broken
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of one Gemma model. Variants differ only by these fields."""
@@ -43,6 +46,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems and self.n_layers > MAX_LAYERS:  # building 10**9 layers (even on meta) would hang
+            problems.append(f"n_layers must be at most {MAX_LAYERS}, got {self.n_layers}")
         if not problems and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not problems and self.head_dim % 2:
