@@ -157,6 +157,10 @@ FILL_DISK = "for i in range(10):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20
 def test_disk_limit_without_bwrap_size(monkeypatch):
     """A bwrap without --size (before 0.8: Ubuntu 22.04) cannot cap its tmpfs; the launcher mounts a capped one."""
     monkeypatch.setattr(sandbox, "_has_size_option", lambda bwrap: False)
+    if any(sandbox._under(d, sandbox.WORKDIR) for d in sandbox._python_dirs()):  # e.g. a checkout under /tmp
+        with pytest.raises(GemmalabError, match="would hide this Python"):
+            run_python(FILL_DISK, Limits(disk_mb=64))  # refused, not a FileNotFoundError from the launcher
+        return
     r = run_python(FILL_DISK, Limits(disk_mb=64))
     assert r.status == "failed" and "No space left" in r.stderr
     code = ("import ctypes, os\nopen('out.txt', 'w').write('ok')\nprint(sorted(os.listdir('.')), os.getcwd())\n"

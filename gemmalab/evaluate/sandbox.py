@@ -75,6 +75,10 @@ if os.getuid() == 0:
     os.setgroups([]); os.setgid(uid); os.setuid(uid)
     libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as exec would: undumpable, /proc/self is root's (uid_map below)
 if tmp_bytes:  # in a mount namespace of our own, owned by a user namespace that maps our ids (tmpfs files need it)
+    if any(p == "/tmp" or p.startswith("/tmp/") for p in (sys.executable, sys.prefix)):  # it would vanish under it
+        sys.exit("gemmalab sandbox: this bwrap cannot cap /tmp (no --size: bubblewrap before 0.8), and the capped /tmp "
+                 "mounted instead would hide this Python, which lives in /tmp; install bubblewrap >= 0.8, or use a "
+                 "Python outside /tmp")
     source = open("program.py", "rb").read()
     uid, gid = os.getuid(), os.getgid()
     check(libc.unshare(0x10000000 | 0x20000), "unshare(CLONE_NEWUSER | CLONE_NEWNS)")
@@ -262,6 +266,7 @@ def _bwrap_argv(bwrap: str, program_fd: int, info_fd: int, verdict_fd: int, limi
     sized = _has_size_option(bwrap)
     if sized:
         argv += ["--size", str(limits.disk_mb << 20)]
+
     argv += ["--perms", "1777", "--tmpfs", WORKDIR]
     hidden = _hidden_dirs()
     for d in hidden:
