@@ -61,7 +61,7 @@ class Score:
     is_greedy: bool
 
 
-@dataclass
+@dataclass(eq=False)  # rows are told apart by identity (the server's worker keys its jobs by row)
 class _Row:
     index: int
     prompt: list[int]
@@ -73,6 +73,10 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     stop_id: int | None = None
+
+    def pick(self, logits: torch.Tensor, greedy: int) -> int:
+        """The next token: `greedy` (the batch's argmax for this row) at temperature 0, else a draw from logits [V]."""
+        return greedy if self.params.temperature <= 0 else sample_row(logits, self.params, self.generator)
 
     def advance(self, tok: int, logp: torch.Tensor | None) -> str:
         """Take sampled token `tok` (logp: this row's log-probabilities [V], when wanted); returns the new text."""
@@ -295,7 +299,7 @@ class Engine:
             if r.finish_reason is not None:  # finished, not yet retired: feed anything
                 fed.append(0)
                 continue
-            tok = greedy[b] if r.params.temperature <= 0 else sample_row(logits[b], r.params, r.generator)
+            tok = r.pick(logits[b], greedy[b])
             fed.append(tok)
             delta = r.advance(tok, None if logp is None else logp[b])
             if on_token is not None:

@@ -153,7 +153,7 @@ class LiveBatch:
         self.cache.load_row(slot, p.cache)
         r = p.row
         logp = torch.log_softmax(p.logits, -1) if r.params.logprobs else None
-        tok = int(argmax(p.logits)) if r.params.temperature <= 0 else sample_row(p.logits, r.params, r.generator)
+        tok = sample_row(p.logits, r.params, r.generator)
         delta = r.advance(tok, logp)
         self.slots[slot], self.fed[slot] = r, tok
         if r.finish_reason is not None:
@@ -191,7 +191,7 @@ class LiveBatch:
         events = []
         for s, r in live:
             try:
-                tok = greedy[s] if r.params.temperature <= 0 else sample_row(logits[s], r.params, r.generator)
+                tok = r.pick(logits[s], greedy[s])
                 events.append(RowEvent(r, r.advance(tok, None if logp is None else logp[s])))
                 self.fed[s] = tok
             except Exception as e:  # noqa: BLE001 - this row's own failure (its stream, its params): it alone ends

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemmalab.errors import GemmalabError
-from gemmalab.inference.engine import Completion, Engine, SamplingParams
+from gemmalab.inference.engine import Completion, Engine, SamplingParams, _Row
 from gemmalab.inference.live import LiveBatch, Prefill
 
 __all__ = ["Batcher", "BatcherStats", "Job", "JobTimeout", "NotRunning", "Overloaded"]
@@ -90,7 +90,7 @@ class Batcher:
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.stats = BatcherStats()
         self._queue: deque[Job] = deque()
-        self._jobs: dict[int, Job] = {}  # id(row) -> its job, for rows running or joining
+        self._jobs: dict[_Row, Job] = {}  # the rows running or joining, and their jobs
         self._joining: tuple[Job, Prefill] | None = None
         self._cond = threading.Condition()
         self._closed = True
@@ -191,14 +191,12 @@ class Batcher:
                     kept.append(job)
             self._queue = kept
             self.stats.waiting = len(kept)
-        for key, job in list(self._jobs.items()):
+        for row, job in list(self._jobs.items()):
             if job.cancelled or now >= job.deadline:
-                row = next((r for r in self.live.rows if id(r) == key), None)
-                if row is not None:
-                    self.live.drop(row)
+                self.live.drop(row)  # nothing to drop if it is still joining
                 if self._joining is not None and self._joining[0] is job:
                     self._joining = None
-                del self._jobs[key]
+                del self._jobs[row]
                 self.stats.running = len(self.live.rows)
                 self._update_memory()
                 if job.cancelled:
@@ -248,7 +246,7 @@ class Batcher:
                     self._fail(job, e)
                     continue
                 self._joining = (job, p)
-                self._jobs[id(p.row)] = job
+                self._jobs[p.row] = job
                 self._update_memory(p)
             job, p = self._joining
             try:
@@ -258,7 +256,7 @@ class Batcher:
                     return  # the rest of this prompt in the next turns
                 self._joining = None
                 if time.monotonic() >= job.deadline:  # its time ran out while its prompt was read
-                    self._jobs.pop(id(p.row), None)
+                    self._jobs.pop(p.row, None)
                     self._update_memory()
                     self._expire(job)
                     continue
@@ -267,7 +265,7 @@ class Batcher:
                 self._update_memory()
             except Exception as e:  # noqa: BLE001
                 self._joining = None
-                self._jobs.pop(id(p.row), None)
+                self._jobs.pop(p.row, None)
                 self.live.drop(p.row)
                 self._fail(job, e)
                 continue
@@ -288,7 +286,7 @@ class Batcher:
             self.stats.running = 0
             self._update_memory()
             for row in rows:
-                job = self._jobs.pop(id(row), None)
+                job = self._jobs.pop(row, None)
                 if job is not None:
                     self._fail(job, e)
             return
@@ -296,11 +294,11 @@ class Batcher:
         self.stats.running = len(self.live.rows)
         self._update_memory()  # before the jobs hear of it: a finished job sees its memory already freed
         for ev in events:
-            job = self._jobs.get(id(ev.row))
+            job = self._jobs.get(ev.row)
             if job is None:
                 continue
             if ev.error is not None:
-                del self._jobs[id(ev.row)]
+                del self._jobs[ev.row]
                 log.error("a row failed: %r", ev.error)
                 self._fail(job, ev.error)
             else:
@@ -313,12 +311,12 @@ class Batcher:
         try:
             job.notify("token", delta, row.finish_reason)
             if row.finish_reason is not None:
-                self._jobs.pop(id(row), None)
+                self._jobs.pop(row, None)
                 self.stats.completed += 1
                 job.notify("done", row.completion())
         except Exception as e:  # noqa: BLE001
             log.exception("a job's callback failed")
-            self._jobs.pop(id(row), None)
+            self._jobs.pop(row, None)
             self.live.drop(row)
             self._fail(job, e)
 
