@@ -1,10 +1,12 @@
 """The sandbox for generated code: every hostile program must come back as a failed sample, leave the host
 untouched and leave nothing running."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,30 @@ def test_home_and_working_directory_hidden_wherever_they_are(monkeypatch):
     monkeypatch.chdir("/")  # hiding "/" (or /usr, /etc, ...) would hide the system: they stay
     monkeypatch.setenv("HOME", "/usr")
     assert "/usr" not in sandbox._hidden_dirs() and run_python("print(1)").passed
+
+
+def test_checkout_holding_its_venv_is_hidden(tmp_path):
+    """A clone outside /work and /tmp with its .venv inside (as CI has it): the venv's standard library path lies
+    under the working directory, which is hidden all the same, with the venv mounted back (it was left visible)."""
+    checkout = tmp_path / "checkout"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(checkout / ".venv")], check=True)
+    package = str(Path(sandbox.__file__).resolve().parents[1])
+    script = textwrap.dedent(f"""\
+        import json, sys, types
+        for name, sub in (("gemmalab", ""), ("gemmalab.evaluate", "/evaluate")):  # no torch in this bare venv
+            m = types.ModuleType(name)
+            m.__path__ = [{package!r} + sub]
+            sys.modules[name] = m
+        from gemmalab.evaluate import sandbox
+        sandbox.WORKDIR = "/nonexistent"  # tmp_path lies under the real one, which covers everything in it
+        print(json.dumps([sandbox._hidden_dirs(), sandbox._python_dirs()]))
+        """)
+    out = subprocess.run([str(checkout / ".venv/bin/python"), "-c", script], cwd=checkout, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(Path(package).parent)})
+    assert out.returncode == 0, out.stderr
+    hidden, python = json.loads(out.stdout)
+    assert str(checkout.resolve()) in hidden
+    assert str((checkout / ".venv").resolve()) in python  # mounted back, so the sandbox's Python still runs
 
 
 def test_scope_without_memory_bound_is_not_used(monkeypatch, tmp_path):

@@ -227,22 +227,22 @@ def _under(d: str, top: str) -> bool:
 
 
 def _needed_dirs() -> list[str]:
-    """What the sandboxed interpreter runs on: system and library directories, the standard library, the
-    executable's own directory. Hiding the caller's home or working directory must not hide one of these."""
-    paths = sysconfig.get_paths()
+    """The system and library directories the sandboxed interpreter runs on. Hiding the caller's home or working
+    directory must not hide one of these. The interpreter's own directories are not among them: they are mounted
+    back (_python_dirs), so a checkout that holds its .venv is hidden all the same."""
     multiarch = sysconfig.get_config_var("MULTIARCH")
-    dirs = [*SYSTEM, *LIBS, *([f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else []),
-            paths["stdlib"], paths["platstdlib"], os.path.dirname(os.path.realpath(sys.executable))]
+    dirs = [*SYSTEM, *LIBS, *([f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else [])]
     return [os.path.realpath(d) for d in dirs]
 
 
 def _hidden_dirs() -> list[str]:
-    """HIDDEN and the caller's home and working directory, wherever they are (unless they are, or hold, a
-    directory the interpreter needs: "/", /usr, ...), outermost only."""
+    """HIDDEN and the caller's home and working directory, wherever they are, outermost only. Not hidden: "/",
+    /usr and the like (they hold system directories), or a directory inside the interpreter's own (a tmpfs over
+    part of it would break it; the sandbox sees that tree read-only anyway)."""
     found: list[str] = []
-    needed = _needed_dirs()
+    needed, python = _needed_dirs(), _python_dirs()
     mine = {os.path.realpath(d) for d in (Path.home(), os.getcwd())}
-    mine = {d for d in mine if not any(_under(n, d) for n in needed)}
+    mine = {d for d in mine if not any(_under(n, d) for n in needed) and not any(_under(d, p) and d != p for p in python)}
     for d in sorted({os.path.realpath(d) for d in HIDDEN} | mine, key=len):
         if os.path.isdir(d) and not any(_under(d, h) for h in [WORKDIR, *found]):
             found.append(d)
