@@ -371,3 +371,34 @@ def test_int8_many_rows_in_bf16_run_in_fp32_where_bf16_is_slow(monkeypatch, fast
     assert y.dtype == torch.bfloat16 and seen == [torch.bfloat16 if fast else torch.float32]
     want = x.float() @ dequantize_int8(module.weight, module.scales).T
     assert _rel(y, want) < MATMUL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_many_rows_in_blocks_equal_one_whole_product(monkeypatch, dtype):
+    """A many-row product dequantizes a block of output channels at a time (the output projection whole would be
+    hundreds of MB per call): the result is the whole product's, last short block included."""
+    from gemmalab.model import quant
+
+    monkeypatch.setattr(quant, "cpu_bf16_fast", lambda: True)
+    monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 10 * 64)  # 10 output channels a block: 4 blocks of 37
+    module = Int8Linear(torch.randn(37, 64, generator=torch.Generator().manual_seed(0)).to(dtype))
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    whole = F.linear(x, module.weight.to(dtype)) * module.scales.to(dtype)
+    assert torch.allclose(module(x), whole, rtol=MATMUL_TOL[dtype], atol=0)
+    assert _rel(module(x), x.float() @ dequantize_int8(module.weight, module.scales).T) < MATMUL_TOL[dtype]
+
+
+@pytest.mark.parametrize("fast, kernel_rows", [(True, 8), (False, 32)])
+def test_int8_kernel_row_limit_follows_native_bf16(monkeypatch, fast, kernel_rows):
+    """bf16 activations: the one-row kernel up to 8 rows where a bf16 product is native (beyond that the
+    dequantized bf16 product wins), up to 32 where the dequantized product has to run in fp32."""
+    from gemmalab.model import quant
+
+    monkeypatch.setattr(quant, "cpu_bf16_fast", lambda: fast)
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    module = Int8Linear(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).bfloat16())
+    for rows in (1, kernel_rows, kernel_rows + 1):
+        module(torch.randn(rows, 64).bfloat16())
+    assert calls == [1, kernel_rows]

@@ -41,9 +41,15 @@ NATIVE_GROUP_SIZE = 32  # GGUF's Q4_K sub-blocks and Q4_0 blocks: 32 weights per
 # The int4 matmul always runs on bf16 activations: the CUDA kernel accepts nothing else, and on CPU the f32
 # path is several times slower than bf16 at decode (an int4 weight's error dwarfs bf16 activation rounding).
 INT4_COMPUTE_DTYPE = torch.bfloat16
-# Rows of x up to which the CPU int8 kernel beats dequantize-and-matmul: its cost grows about linearly with
-# the rows (roughly one weight pass each). Measured on a 2-thread AVX512 CPU, torch 2.13; other dtypes: 32.
+# Rows of x up to which the CPU int8 kernel beats a dequantized matrix product: the kernel's cost grows about
+# linearly with the rows (one weight pass each). Measured with 2 threads, torch 2.13: fp32 activations 4 (AVX512);
+# bf16 activations 8 where bf16 is native (AMX: 40.7 ms against 39.4 for the 262144 x 640 output projection at 8
+# rows, 157.6 against 44.5 at 32), 32 where the dequantized product has to run in fp32 (AVX512 without AMX).
 INT8_KERNEL_MAX_ROWS = {torch.float32: 4, torch.bfloat16: 32}
+INT8_KERNEL_MAX_ROWS_NATIVE_BF16 = 8
+# Weights dequantized at a time in a many-row CPU product: a block of output channels stays in cache (the
+# output projection dequantized whole would be 335 MB of bf16 written and read back per call).
+DEQUANT_BLOCK_ELEMENTS = 1 << 22
 
 
 # ---- int8: symmetric, one scale per output channel -------------------------------------------------------
@@ -64,14 +70,38 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]
 
 
+def _int8_kernel_max_rows(dtype: torch.dtype) -> int:
+    if dtype == torch.bfloat16 and cpu_bf16_fast():
+        return INT8_KERNEL_MAX_ROWS_NATIVE_BF16
+    return INT8_KERNEL_MAX_ROWS.get(dtype, 32)
+
+
+def _blocked_dequantized_mm(x: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] @ q.T -> [M, N] in `dtype`, q dequantized (unscaled) one block of output channels at a time
+    into one reused buffer. The same arithmetic as F.linear(x, q.to(dtype)), column block by column block."""
+    N, K = q.shape
+    rows = max(1, DEQUANT_BLOCK_ELEMENTS // K)
+    x = x.to(dtype)
+    if N <= rows or x.requires_grad or torch.compiler.is_compiling():
+        return F.linear(x, q.to(dtype))
+    out = torch.empty(x.shape[0], N, dtype=dtype)
+    block = torch.empty(rows, K, dtype=dtype)
+    for start in range(0, N, rows):
+        b = block[: min(rows, N - start)]
+        b.copy_(q[start:start + rows])
+        torch.mm(x, b.T, out=out[:, start:start + rows])
+    return out
+
+
 def _int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (q * scales).T -> [M, N] in x.dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS.get(x.dtype, 32):  # decode, short prompts
+    if x.device.type != "cpu":
+        return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
+    if x.shape[0] <= _int8_kernel_max_rows(x.dtype):  # decode, short prompts
         return torch._weight_int8pack_mm(x.contiguous(), q, scales.to(x.dtype))
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_bf16_fast():
-        # A bf16 matrix product is not native here (up to 100x slower than fp32): the many-row product in fp32.
-        return (F.linear(x.float(), q.float()) * scales.float()).to(x.dtype)
-    return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
+    # A bf16 matrix product that is not native here is up to 100x slower than fp32: the many-row product in fp32.
+    dtype = torch.float32 if x.dtype == torch.bfloat16 and not cpu_bf16_fast() else x.dtype
+    return (_blocked_dequantized_mm(x, q, dtype) * scales.to(dtype)).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
