@@ -102,11 +102,17 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 512, repeats: int = 3) -> float
     return best
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, not a graph break per call
 def cpu_bf16_fast() -> bool:
     """Whether this CPU runs bf16 matrix products natively and at least as fast as fp32: its flags name avx512_bf16
-    or amx_bf16 and a 512 x 512 product (best of 3, about a millisecond) agrees. Once per process.
-    GEMMALAB_CPU_BF16=1 or 0 decides instead (tests, or a machine the probe misjudges)."""
+    or amx_bf16 and a 512 x 512 product (best of 3, about a millisecond) agrees. Once per process
+    (`_cpu_bf16_probe.cache_clear()` asks again). GEMMALAB_CPU_BF16=1 or 0 decides instead (tests, or a machine the
+    probe misjudges)."""
+    return _cpu_bf16_probe()
+
+
+@functools.cache
+def _cpu_bf16_probe() -> bool:
     forced = os.environ.get("GEMMALAB_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"

@@ -15,16 +15,16 @@ from gemmalab.errors import GemmalabError
 @pytest.fixture
 def probe(monkeypatch):
     """Set what the probe sees: flags and the two timings; the cached answer is cleared before and after."""
-    dtypes.cpu_bf16_fast.cache_clear()
+    dtypes._cpu_bf16_probe.cache_clear()
     monkeypatch.delenv("GEMMALAB_CPU_BF16", raising=False)
 
     def fake(flags: set[str], bf16_s: float = 1.0, fp32_s: float = 1.0):
-        dtypes.cpu_bf16_fast.cache_clear()
+        dtypes._cpu_bf16_probe.cache_clear()
         monkeypatch.setattr(dtypes, "cpu_flags", lambda: flags)
         monkeypatch.setattr(dtypes, "_matmul_seconds", lambda dt, *a, **k: bf16_s if dt == torch.bfloat16 else fp32_s)
 
     yield fake
-    dtypes.cpu_bf16_fast.cache_clear()
+    dtypes._cpu_bf16_probe.cache_clear()
 
 
 def test_the_choice(probe, monkeypatch):
@@ -36,7 +36,7 @@ def test_the_choice(probe, monkeypatch):
     assert dtypes.parse_dtype("auto", "cpu") == torch.float32
     assert dtypes.parse_dtype("auto", "cuda") == torch.bfloat16  # CUDA keeps bf16, whatever the CPU
     monkeypatch.setenv("GEMMALAB_CPU_BF16", "1")
-    dtypes.cpu_bf16_fast.cache_clear()
+    dtypes._cpu_bf16_probe.cache_clear()
     assert dtypes.parse_dtype("auto", "cpu") == torch.bfloat16  # the override wins
     assert dtypes.parse_dtype("bf16") == torch.bfloat16 and dtypes.parse_dtype(torch.float16) == torch.float16
     with pytest.raises(GemmalabError, match="auto"):
@@ -46,9 +46,9 @@ def test_the_choice(probe, monkeypatch):
 def test_the_real_probe_answers_without_error(monkeypatch):
     """On this machine, whatever it is: a boolean, consistent with its flags."""
     monkeypatch.delenv("GEMMALAB_CPU_BF16", raising=False)
-    dtypes.cpu_bf16_fast.cache_clear()
+    dtypes._cpu_bf16_probe.cache_clear()
     fast = dtypes.cpu_bf16_fast()
-    dtypes.cpu_bf16_fast.cache_clear()
+    dtypes._cpu_bf16_probe.cache_clear()
     assert isinstance(fast, bool)
     if not dtypes.cpu_flags() & dtypes.NATIVE_BF16_FLAGS:
         assert fast is False

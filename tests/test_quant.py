@@ -402,3 +402,19 @@ def test_int8_kernel_row_limit_follows_native_bf16(monkeypatch, fast, kernel_row
     for rows in (1, kernel_rows, kernel_rows + 1):
         module(torch.randn(rows, 64).bfloat16())
     assert calls == [1, kernel_rows]
+
+
+def test_int8_compiles_without_graph_breaks(monkeypatch):
+    """torch.compile traces the int8 module in one graph at decode and at many rows: the bf16 probe it asks (the
+    real one, which reads /proc/cpuinfo and times) is a constant to the compiler; a graph break there recompiled
+    each layer until the limit and left them eager."""
+    from gemmalab import dtypes
+
+    monkeypatch.delenv("GEMMALAB_CPU_BF16")
+    dtypes._cpu_bf16_probe.cache_clear()
+    monkeypatch.setattr(dtypes, "_cpu_bf16_probe", dtypes._cpu_bf16_probe.__wrapped__)  # asked afresh, not cached
+    module = Int8Linear(torch.randn(48, 64, generator=torch.Generator().manual_seed(0)).bfloat16())
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    for rows in (1, 16):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        assert torch.allclose(compiled(x), module(x))
