@@ -417,4 +417,25 @@ def test_int8_compiles_without_graph_breaks(monkeypatch):
     compiled = torch.compile(module, fullgraph=True, backend="eager")
     for rows in (1, 16):
         x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
-        assert torch.allclose(compiled(x), module(x))
+        assert _rel(compiled(x), x.float() @ dequantize_int8(module.weight, module.scales).T) < MATMUL_TOL[x.dtype]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_int8_compiled_keeps_the_int8_op_at_many_rows_where_bf16_is_native(monkeypatch, fast):
+    """Compiled with native bf16, a many-row product stays the int8 op, which Inductor's max-autotune replaces with
+    its own weight-only GEMM (the dequantized product compiled is 7x slower); without native bf16 it stays the
+    fp32 dequantized product."""
+    from gemmalab.model import quant
+
+    monkeypatch.setattr(quant, "cpu_bf16_fast", lambda: fast)
+    targets = []
+
+    def backend(gm, inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    module = Int8Linear(torch.randn(48, 64, generator=torch.Generator().manual_seed(0)).bfloat16())
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = torch.compile(module, fullgraph=True, backend=backend)(x)
+    assert any("_weight_int8pack_mm" in t for t in targets) == fast
+    assert _rel(y, x.float() @ dequantize_int8(module.weight, module.scales).T) < MATMUL_TOL[torch.bfloat16]
